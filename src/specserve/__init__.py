@@ -1,0 +1,1 @@
+"""specserve: fast, lossless LLM decoding."""
