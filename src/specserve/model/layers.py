@@ -1,0 +1,232 @@
+"""Shared decoder layers: norms, rotary embeddings, attention over the KV cache, MLP.
+
+Every family is this code with different `ModelConfig` flags. Inputs are flattened over
+the batch (`[T, ...]`, T = tokens of all sequences in the forward); attention metadata
+says which tokens belong to which sequence and where they sit in the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specserve.config import ModelConfig, RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        # the weight stays fp32 (the model keeps norms in fp32); normalise in fp32 and
+        # cast back, as the reference implementations do for reduced precision
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies `[head_dim // 2]` (fp32), with linear or llama3 scaling applied."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (rope.theta**exponent)
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryTable(nn.Module):
+    """Precomputed cos/sin `[max_len, head_dim]` (halves duplicated, rotate-half layout)."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_len: int) -> None:
+        super().__init__()
+        # built on the CPU explicitly, so a model constructed on the meta device still has it
+        inv_freq = rope_inv_freq(rope, head_dim)
+        t = torch.arange(max_len, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)  # [max_len, D]
+        self.register_buffer("sin", emb.sin(), persistent=False)  # [max_len, D]
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [T] -> cos, sin [T, 1, D] ready to broadcast over heads
+        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [T, H, D]; cos/sin [T, 1, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the tokens of a flattened batch go.
+
+    Sequence i owns tokens `query_starts[i]:query_starts[i+1]` of the forward; they are
+    written to KV slot `slots[i]` from cache index `cache_starts[i]` on. `masks[i]` is the
+    boolean attention mask `[q_len, cache_start + q_len]` of a full-attention layer, or
+    None for plain causal attention; `sliding_masks[i]` the same for sliding layers.
+    """
+
+    slots: list[int]
+    query_starts: list[int]  # len = num_seqs + 1
+    cache_starts: list[int]
+    masks: list[torch.Tensor | None]
+    sliding_masks: list[torch.Tensor | None]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.slots)
+
+
+def build_attention_metadata(
+    slots: list[int],
+    query_lens: list[int],
+    cache_starts: list[int],
+    device: torch.device,
+    sliding_window: int | None = None,
+    tree_masks: list[torch.Tensor | None] | None = None,
+) -> AttentionMetadata:
+    """Masks for chains (causal) and, where given, token trees.
+
+    `tree_masks[i]` is a boolean `[q_len, q_len]` mask among the new tokens of sequence i
+    (ancestor-or-self); new tokens always see the whole cached prefix. Sliding layers
+    additionally hide cache entries `window` or more tokens behind the query's index.
+    """
+    query_starts = [0]
+    masks: list[torch.Tensor | None] = []
+    sliding: list[torch.Tensor | None] = []
+    for i, (q_len, start) in enumerate(zip(query_lens, cache_starts)):
+        query_starts.append(query_starts[-1] + q_len)
+        tree = tree_masks[i] if tree_masks is not None else None
+        total = start + q_len
+        if tree is None and q_len == 1:
+            mask = None  # one query sees everything cached
+        elif tree is None and start == 0:
+            mask = None  # pure causal prefill: SDPA's is_causal
+        else:
+            mask = torch.ones(q_len, total, dtype=torch.bool, device=device)
+            new = tree if tree is not None else torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
+            mask[:, start:] = new
+        masks.append(mask)
+        if sliding_window is not None and total > sliding_window:
+            q_idx = torch.arange(start, total, device=device).unsqueeze(1)
+            k_idx = torch.arange(total, device=device).unsqueeze(0)
+            base = mask if mask is not None else (k_idx <= q_idx)
+            sliding.append(base & (k_idx > q_idx - sliding_window))
+        else:
+            sliding.append(mask)
+    return AttentionMetadata(slots, query_starts, cache_starts, masks, sliding)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, sliding: bool) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.q_size
+        self.kv_size = cfg.kv_size
+        self.scale = cfg.scale
+        self.sliding = sliding
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm: RMSNorm | None = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm: RMSNorm | None = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, 1, D]
+        sin: torch.Tensor,  # [T, 1, D]
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,  # [S, Hkv, L, D]
+        v_cache: torch.Tensor,  # [S, Hkv, L, D]
+    ) -> torch.Tensor:  # [T, hidden]
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = apply_rope(q, cos, sin).transpose(0, 1)  # [Hq, T, D]
+        k = apply_rope(k, cos, sin).transpose(0, 1)  # [Hkv, T, D]
+        v = v.transpose(0, 1)  # [Hkv, T, D]
+        masks = meta.sliding_masks if self.sliding else meta.masks
+        outs = []
+        for i, slot in enumerate(meta.slots):
+            a, b = meta.query_starts[i], meta.query_starts[i + 1]
+            start = meta.cache_starts[i]
+            end = start + (b - a)
+            k_cache[slot, :, start:end] = k[:, a:b]
+            v_cache[slot, :, start:end] = v[:, a:b]
+            mask = masks[i]
+            causal = mask is None and start == 0 and b - a > 1
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[:, a:b].unsqueeze(0),
+                    k_cache[slot, :, :end].unsqueeze(0),
+                    v_cache[slot, :, :end].unsqueeze(0),
+                    attn_mask=mask,
+                    is_causal=causal,
+                    scale=self.scale,
+                    enable_gqa=self.num_heads != self.num_kv_heads,
+                )[0]
+            )
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [Hq, T, D]
+        return self.o_proj(out.transpose(0, 1).reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = F.silu if cfg.hidden_act == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, sliding: bool) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, sliding)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        else:
+            self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
+
+    def forward(self, x, cos, sin, meta, k_cache, v_cache) -> torch.Tensor:  # x [T, hidden]
+        h = self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
+        if self.pre_feedforward_layernorm is None:
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(h)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))

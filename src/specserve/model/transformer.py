@@ -1,0 +1,67 @@
+"""The decoder: embeddings, a stack of shared `DecoderLayer`s, final norm, LM head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from specserve.cache.kv_cache import KVCache
+from specserve.config import ModelConfig
+from specserve.model.layers import AttentionMetadata, DecoderLayer, RMSNorm, RotaryTable
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_len: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.max_len = max_len
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, s) for s in cfg.sliding_layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryTable(cfg.rope, cfg.head_dim, max_len)
+        self.local_rope = RotaryTable(cfg.local_rope, cfg.head_dim, max_len) if cfg.local_rope else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        cache: KVCache,
+        layer_mask: list[bool] | None = None,
+    ) -> torch.Tensor:  # [T, hidden] after the final norm
+        """Run the flattened batch through the stack; writes K/V into `cache`.
+
+        `layer_mask[i] = False` skips layer i (self-speculation drafts with a subset).
+        """
+        x = self.embed_tokens(input_ids)
+        if self.config.embed_scale is not None:
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        cos, sin = self.rope.lookup(positions, x.dtype)
+        if self.local_rope is not None:
+            lcos, lsin = self.local_rope.lookup(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            if layer_mask is not None and not layer_mask[i]:
+                continue
+            if self.local_rope is not None and layer.self_attn.sliding:
+                x = layer(x, lcos, lsin, meta, cache.k[i], cache.v[i])
+            else:
+                x = layer(x, cos, sin, meta, cache.k[i], cache.v[i])
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
