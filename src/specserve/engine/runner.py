@@ -1,0 +1,67 @@
+"""Builds one flattened, ragged forward over the batch and returns the logits asked for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specserve.cache.kv_cache import KVCache, KVCacheFull
+from specserve.model.layers import build_attention_metadata
+from specserve.model.transformer import DecoderModel
+
+
+@dataclass
+class ForwardItem:
+    """The tokens one sequence contributes to a forward."""
+
+    slot: int
+    cache_start: int  # tokens of this sequence already in the KV cache
+    token_ids: list[int]
+    positions: list[int] | None = None  # None = cache_start, cache_start+1, ... (a chain)
+    tree_mask: torch.Tensor | None = None  # [n, n] bool, for token trees
+    logits_from: int = -1  # logits for tokens[logits_from:]; -1 = last only; None = no logits
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderModel, cache: KVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = model.device
+        cfg = model.config
+        self.sliding_window = cfg.sliding_window if any(cfg.sliding_layers) else None
+
+    @torch.inference_mode()
+    def forward(self, items: list[ForwardItem], layer_mask: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the target over all items; K/V land in the cache at each item's cache_start.
+
+        Returns (logits `[R, vocab]` fp32, hidden `[R, hidden]`) for the requested rows,
+        in item order. The caller commits cache lengths once it knows what was accepted.
+        """
+        ids: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        for item in items:
+            n = len(item.token_ids)
+            if item.cache_start + n > self.cache.max_len:
+                raise KVCacheFull(f"sequence needs {item.cache_start + n} KV positions, the limit is {self.cache.max_len}")
+            base = len(ids)
+            ids.extend(item.token_ids)
+            positions.extend(item.positions if item.positions is not None else range(item.cache_start, item.cache_start + n))
+            if item.logits_from is not None:
+                start = n - 1 if item.logits_from == -1 else item.logits_from
+                rows.extend(range(base + start, base + n))
+        meta = build_attention_metadata(
+            [it.slot for it in items],
+            [len(it.token_ids) for it in items],
+            [it.cache_start for it in items],
+            self.device,
+            self.sliding_window,
+            [it.tree_mask for it in items] if any(it.tree_mask is not None for it in items) else None,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, pos, meta, self.cache, layer_mask)
+        if len(rows) != len(ids):
+            hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        return self.model.compute_logits(hidden), hidden

@@ -1,0 +1,98 @@
+"""Drawing tokens from processed distributions, and OpenAI-style logprobs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+
+def make_generator(
+    seed: int | None, device: torch.device | str | None = None
+) -> torch.Generator | None:
+    """A generator seeded with ``seed`` on ``device`` (``None`` if no seed).
+
+    Create one per request and keep it for the request's lifetime so its
+    samples are reproducible regardless of how it is batched.
+    """
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device if device is not None else "cpu")
+    gen.manual_seed(seed)
+    return gen
+
+
+def sample(
+    probs: torch.Tensor,  # [N, V] float, rows sum to 1 (up to rounding)
+    generators: Sequence[torch.Generator | None] | None = None,  # N entries
+    greedy: torch.Tensor | None = None,  # [N] bool
+) -> torch.Tensor:
+    """Draw one token per row; returns ``[N]`` int64 token ids.
+
+    Inverse-CDF sampling: one uniform ``u`` per row, then the first token
+    whose float64 cumulative probability exceeds ``u * total``.  This costs
+    one random number per row (an ``O(V)`` cumsum dominates) and never picks
+    a zero-probability token.  Row ``i`` draws ``u`` from ``generators[i]``
+    when given, so a seeded request gets the same tokens however it is
+    batched; rows without a generator share one draw from the default
+    generator.
+
+    Greedy rows (``greedy[i]``; by default, rows whose distribution is
+    one-hot, as produced by ``logits_to_probs`` for temperature 0) take the
+    argmax.  If every row is greedy no random numbers are drawn.
+    """
+    n = probs.shape[0]
+    dev = probs.device
+    if generators is None:
+        generators = [None] * n
+    elif len(generators) != n:
+        raise ValueError(f"expected {n} generators, got {len(generators)}")
+    if greedy is None:
+        greedy = probs.amax(dim=-1) >= 1.0  # [N]
+    argmax = probs.argmax(dim=-1)  # [N]
+    if bool(greedy.all()):
+        return argmax
+
+    u = torch.rand(n, dtype=torch.float64, device=dev)  # [N]
+    for i, gen in enumerate(generators):
+        if gen is not None:
+            u[i] = torch.rand((), dtype=torch.float64, device=dev, generator=gen)
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # [N, V]
+    target = (u * cdf[:, -1]).unsqueeze(1)  # [N, 1]
+    sampled = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [N]
+    sampled = sampled.clamp_(max=probs.shape[-1] - 1)
+    return torch.where(greedy, argmax, sampled)
+
+
+class Logprobs(NamedTuple):
+    """OpenAI ``logprobs`` payload for N positions."""
+
+    token_logprobs: torch.Tensor  # [N] float32, logprob of the chosen token
+    top_token_ids: torch.Tensor  # [N, k] int64, most likely tokens, descending
+    top_logprobs: torch.Tensor  # [N, k] float32, their logprobs
+
+
+def compute_logprobs(
+    logits: torch.Tensor,  # [N, V] penalised logits (ProcessedLogits.logits)
+    token_ids: torch.Tensor,  # [N] chosen tokens
+    k: int = 0,
+) -> Logprobs:
+    """Logprob of each chosen token plus the top-``k`` alternatives.
+
+    Logprobs are ``log_softmax`` of the model logits *after* repetition /
+    presence / frequency penalties but *before* temperature, top-k, top-p and
+    min-p.  This is the model's own (penalised) belief, so values are finite
+    for every token, comparable across requests with different sampling
+    settings, and meaningful for greedy requests (temperature 0 would
+    otherwise make them all 0 / -inf); truncation would instead report
+    ``-inf`` for plausible alternatives.  This matches vLLM's default of
+    reporting logprobs independent of the sampling transforms.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    chosen = logprobs.gather(1, token_ids.long().view(-1, 1)).squeeze(1)  # [N]
+    k = min(k, logprobs.shape[-1])
+    top_lp, top_ids = torch.topk(logprobs, k, dim=-1)  # [N, k]
+    return Logprobs(chosen, top_ids, top_lp)
