@@ -1,0 +1,358 @@
+"""`specserve bench plain`: plain (non-speculative) greedy decoding, specserve vs. transformers.
+
+Both engines get the same prompt token ids (Spec-Bench questions through the chat template),
+the same dtype and the same number of new tokens (EOS ignored), so tokens/s compare like for
+like. The machines are noisy: the engines run interleaved in one process, with warm-up and
+several repetitions, and the headline is the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from tqdm import tqdm
+
+from specserve.api import LLM
+from specserve.bench.workload import Question, load_questions, select_per_category
+from specserve.sampling.params import SamplingParams
+
+OURS = "specserve"
+PEER = "transformers"
+
+
+@dataclass
+class Record:
+    """One timed request (one line of the raw JSONL)."""
+
+    method: str
+    prompt_id: int
+    category: str
+    repetition: int
+    prompt_tokens: int
+    new_tokens: int
+    wall_s: float
+    ttft_s: float | None
+    token_ids: list[int]
+
+
+@dataclass
+class Prompt:
+    question: Question
+    token_ids: list[int]
+
+
+# ---------------------------------------------------------------- engines
+
+GenerateFn = Callable[[list[int], int], tuple[list[int], float, float | None]]  # -> (new ids, wall s, TTFT s)
+
+
+def specserve_runner(llm: LLM) -> GenerateFn:
+    def run(ids: list[int], max_tokens: int) -> tuple[list[int], float, float | None]:
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)  # greedy
+        started = time.perf_counter()
+        out = llm.generate([ids], params)[0]
+        return out.token_ids, time.perf_counter() - started, out.metrics.ttft
+
+    return run
+
+
+def load_transformers_model(model_path: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, list[str]]:
+    """transformers' own model for `model_path`, dense in `dtype` (a GGUF file is dequantized by transformers)."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    notes: list[str] = []
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if os.path.isfile(model_path) and model_path.endswith(".gguf"):
+        source = os.path.dirname(os.path.abspath(model_path))
+        kwargs["gguf_file"] = os.path.basename(model_path)
+        gguf_config = getattr(transformers, "GgufConfig", None)
+        if gguf_config is not None:  # dense weights in `dtype`, even where GGUF matmul kernels exist
+            kwargs["quantization_config"] = gguf_config(dequantize=True)
+    else:
+        source = model_path
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as exc:
+        if "gguf_file" not in kwargs or "accelerate" not in str(exc):
+            raise
+        # transformers refuses GGUF files unless `accelerate` is installed, although a dense load
+        # onto one device never calls it: lift that gate for this one call.
+        from unittest import mock
+
+        with mock.patch.object(transformers.modeling_utils, "is_accelerate_available", return_value=True):
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        notes.append("`accelerate` is not installed: transformers' GGUF import gate was bypassed for the load")
+    model = model.to(device).eval()
+    odd = sorted({str(p.dtype) for p in model.parameters() if p.dtype != dtype})
+    if odd:
+        notes.append(f"transformers model has parameters in {', '.join(odd)} besides {dtype}")
+    return model, notes
+
+
+def transformers_runner(model: Any, device: torch.device) -> GenerateFn:
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        eos = model.generation_config.eos_token_id
+        pad = eos[0] if isinstance(eos, list) else eos
+
+    def run(ids: list[int], max_tokens: int) -> tuple[list[int], float, float | None]:
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        mask = torch.ones_like(input_ids)
+        with torch.inference_mode():
+            started = time.perf_counter()
+            out = model.generate(
+                input_ids,
+                attention_mask=mask,
+                do_sample=False,
+                min_new_tokens=max_tokens,
+                max_new_tokens=max_tokens,
+                pad_token_id=pad,
+            )
+            new = out[0, len(ids) :].tolist()  # host copy inside the timed region (syncs CUDA)
+            wall = time.perf_counter() - started
+        return new, wall, None
+
+    return run
+
+
+# ---------------------------------------------------------------- summary
+
+
+def machine_info(llm: LLM) -> dict[str, str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "CPU": cpu,
+        "cores (os.cpu_count)": str(os.cpu_count()),
+        "torch": torch.__version__,
+        "torch threads": str(torch.get_num_threads()),
+        "device": str(llm.device),
+        "dtype": str(llm.dtype).removeprefix("torch."),
+    }
+    if llm.device.type == "cuda":
+        info["GPU"] = torch.cuda.get_device_name(llm.device)
+    return info
+
+
+def tokens_per_s(records: list[Record]) -> float:
+    wall = sum(r.wall_s for r in records)
+    return sum(r.new_tokens for r in records) / wall if wall > 0 else float("nan")
+
+
+@dataclass
+class MethodSummary:
+    method: str
+    per_repetition: list[float]  # aggregate tokens/s of each repetition
+    ttft_median_s: float | None
+    deterministic: bool  # same tokens for a prompt in every repetition
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.per_repetition)
+
+    @property
+    def min(self) -> float:
+        return min(self.per_repetition)
+
+
+def summarize(records: list[Record], method: str, repetitions: int) -> MethodSummary:
+    mine = [r for r in records if r.method == method]
+    per_rep = [tokens_per_s([r for r in mine if r.repetition == k]) for k in range(repetitions)]
+    ttfts = [r.ttft_s for r in mine if r.ttft_s is not None]
+    by_prompt: dict[int, list[list[int]]] = {}
+    for r in mine:
+        by_prompt.setdefault(r.prompt_id, []).append(r.token_ids)
+    deterministic = all(all(ids == runs[0] for ids in runs) for runs in by_prompt.values())
+    return MethodSummary(method, per_rep, statistics.median(ttfts) if ttfts else None, deterministic)
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@dataclass
+class BenchResult:
+    machine: dict[str, str]
+    model: dict[str, Any]
+    prompts: list[Prompt]
+    max_tokens: int
+    repetitions: int
+    warmup: int
+    records: list[Record]
+    summaries: dict[str, MethodSummary]
+    notes: list[str] = field(default_factory=list)
+    raw_path: Path | None = None
+
+    def agreement(self) -> list[tuple[Prompt, int | None]]:
+        """(prompt, first differing position or None) for repetition 0, ours vs. the peer."""
+        first = {(r.method, r.prompt_id): r.token_ids for r in self.records if r.repetition == 0}
+        return [
+            (p, first_divergence(first[(OURS, p.question.question_id)], first[(PEER, p.question.question_id)]))
+            for p in self.prompts
+            if (PEER, p.question.question_id) in first
+        ]
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def format_report(res: BenchResult) -> str:
+    ours = res.summaries[OURS]
+    peer = res.summaries.get(PEER)
+    n_cat = len(dict.fromkeys(p.question.category for p in res.prompts))
+    lines = ["## specserve bench plain", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in res.machine.items()]
+    m = res.model
+    lines += [
+        f"| model | {os.path.basename(m['model'])} ({m['family']}, {m['parameters'] / 1e6:.1f}M parameters) |",
+        f"| workload | Spec-Bench first turns, {len(res.prompts)} prompts ({n_cat} categories), chat template, "
+        f"greedy, {res.max_tokens} new tokens each (EOS ignored) |",
+        f"| runs | {res.warmup} warm-up per engine, {res.repetitions} repetitions, engines interleaved |",
+        "",
+        "tokens/s = new tokens / wall time of the generate call (prefill included), summed over the prompts "
+        "of one repetition.",
+        "",
+        "| engine | tokens/s median | tokens/s min | per repetition | TTFT median | ours / transformers |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
+    for s in res.summaries.values():
+        ratio = "—" if peer is None else f"{s.median / peer.median:.2f}x"
+        ttft = "—" if s.ttft_median_s is None else f"{s.ttft_median_s * 1e3:.0f} ms"
+        reps = ", ".join(f"{x:.1f}" for x in s.per_repetition)
+        lines.append(f"| {s.method} | {s.median:.1f} | {s.min:.1f} | {reps} | {ttft} | {ratio} |")
+    lines.append("")
+    if peer is not None:
+        agree = res.agreement()
+        same = sum(d is None for _, d in agree)
+        lines.append(f"Greedy tokens identical to transformers: {same}/{len(agree)} prompts.")
+        diverged = [f"{p.question.prompt_id} at token {d}" for p, d in agree if d is not None]
+        if diverged:
+            lines.append(f"First divergence: {', '.join(diverged)}.")
+        lines += ["", "| category | prompt tokens | specserve tok/s | transformers tok/s | ratio |", "|---|---:|---:|---:|---:|"]
+        for cat in dict.fromkeys(p.question.category for p in res.prompts):
+            ids = {p.question.question_id for p in res.prompts if p.question.category == cat}
+            ptoks = sum(len(p.token_ids) for p in res.prompts if p.question.question_id in ids) / len(ids)
+            rates = [tokens_per_s([r for r in res.records if r.method == meth and r.prompt_id in ids]) for meth in (OURS, PEER)]
+            lines.append(f"| {cat} | {ptoks:.0f} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[0] / rates[1]:.2f}x |")
+        lines.append("")
+    lines.append(
+        "Same tokens in every repetition: "
+        + ", ".join(f"{s.method} {'yes' if s.deterministic else 'NO'}" for s in res.summaries.values())
+        + "."
+    )
+    lines += [f"Note: {n}." for n in res.notes]
+    if res.raw_path is not None:
+        lines.append(f"Raw per-request records: {res.raw_path}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_plain_bench(
+    model: str | None = None,
+    dtype: str | None = None,
+    n_per_category: int = 1,
+    max_tokens: int = 128,
+    repetitions: int = 3,
+    warmup: int = 1,
+    peer: bool = True,
+    out_dir: str | os.PathLike[str] = "bench_out",
+    questions_path: str | os.PathLike[str] | None = None,
+    stdout: IO[str] | None = None,
+) -> BenchResult:
+    """Run the benchmark, print the Markdown report to `stdout` and return the result."""
+    stdout = stdout or sys.stdout
+    if max_tokens < 1 or repetitions < 1 or warmup < 0:
+        raise ValueError("need max_tokens >= 1, repetitions >= 1 and warmup >= 0")
+    questions = select_per_category(load_questions(questions_path), n_per_category)
+    notes: list[str] = []
+
+    llm = LLM(model, dtype=dtype)
+    prompts = [Prompt(q, llm.chat_prompt([{"role": "user", "content": q.turns[0]}])) for q in questions]
+    longest = max(len(p.token_ids) for p in prompts)
+    if longest + max_tokens > llm.max_model_len:
+        raise ValueError(
+            f"the longest prompt has {longest} tokens: with {max_tokens} new tokens it exceeds "
+            f"max_model_len {llm.max_model_len}"
+        )
+
+    runners: dict[str, GenerateFn] = {OURS: specserve_runner(llm)}
+    if not peer:
+        notes.append("transformers not run (--no-peer)")
+    elif importlib.util.find_spec("transformers") is None:
+        notes.append("transformers is not installed: only specserve was run (pip install 'specserve[bench]')")
+    else:
+        hf_model, hf_notes = load_transformers_model(llm.model_path, llm.dtype, llm.device)
+        notes += hf_notes
+        runners[PEER] = transformers_runner(hf_model, llm.device)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw_path = out / f"plain_{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    records: list[Record] = []
+    total = len(runners) * (warmup + repetitions * len(prompts))
+    with open(raw_path, "w", encoding="utf-8") as raw, tqdm(total=total, desc="bench plain", file=sys.stderr) as bar:
+        for name, run in runners.items():
+            bar.set_postfix_str(f"{name} warm-up")
+            for _ in range(warmup):
+                run(prompts[0].token_ids, max_tokens)
+                bar.update()
+        order = list(runners)
+        for rep in range(repetitions):
+            for name in order if rep % 2 == 0 else order[::-1]:  # alternate who goes first against drift
+                bar.set_postfix_str(f"{name} rep {rep + 1}/{repetitions}")
+                for p in prompts:
+                    new, wall, ttft = runners[name](p.token_ids, max_tokens)
+                    rec = Record(
+                        name, p.question.question_id, p.question.category, rep, len(p.token_ids), len(new), wall, ttft, new
+                    )
+                    records.append(rec)
+                    raw.write(json.dumps(asdict(rec)) + "\n")
+                    raw.flush()
+                    bar.update()
+
+    wrong = [r for r in records if r.new_tokens != max_tokens]
+    if wrong:
+        notes.append(f"{len(wrong)} requests did not produce exactly {max_tokens} tokens")
+    result = BenchResult(
+        machine=machine_info(llm),
+        model=llm.info(),
+        prompts=prompts,
+        max_tokens=max_tokens,
+        repetitions=repetitions,
+        warmup=warmup,
+        records=records,
+        summaries={name: summarize(records, name, repetitions) for name in runners},
+        notes=notes,
+        raw_path=raw_path,
+    )
+    report = format_report(result)
+    raw_path.with_suffix(".md").write_text(report, encoding="utf-8")
+    stdout.write(report)
+    stdout.flush()
+    return result

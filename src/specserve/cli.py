@@ -1,0 +1,257 @@
+"""Command line: `specserve generate | info | bench plain`.
+
+Bad input ends with one `error:` line naming the flag and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from typing import NoReturn
+
+from specserve.sampling.params import SamplingParams
+
+DTYPE_CHOICES = ("bfloat16", "float32")
+DEVICE_CHOICES = ("cpu", "cuda")
+
+#: SamplingParams fields the CLI exposes, longest first (so `top_p` wins over `top`...).
+_FIELDS = sorted((f.name for f in dataclasses.fields(SamplingParams)), key=len, reverse=True)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, no usage block: `specserve generate: error: --top-p must be in (0, 1], got 2`."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(text: str) -> int | float:
+    """A float flag that keeps integers as typed, so errors echo `-1`, not `-1.0`."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _flag_error(exc: ValueError) -> str:
+    """`temperature must be >= 0, got -1` -> `--temperature must be >= 0, got -1`."""
+    message = str(exc)
+    for name in _FIELDS:
+        if message.startswith(name + " "):
+            return "--" + name.replace("_", "-") + message[len(name) :]
+    return message
+
+
+def _model_options(p: argparse.ArgumentParser, dtype_help: str = "weights and compute dtype (default: bfloat16 where the hardware has it)") -> None:
+    p.add_argument("--model", metavar="PATH", help="a .gguf file or a Hugging Face model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help=dtype_help)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="specserve", description="Fast, lossless LLM decoding.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    g = commands.add_parser("generate", help="complete one prompt", description="Complete one prompt and print the text.")
+    _model_options(g)
+    g.add_argument("--device", choices=DEVICE_CHOICES, help="default: cuda when present")
+    g.add_argument("--max-tokens", type=int, default=128, metavar="N", help="most new tokens (default: 128)")
+    g.add_argument("--temperature", type=_number, default=0.0, metavar="T", help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=_number, default=1.0, metavar="P", help="nucleus sampling, in (0, 1] (default: 1)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="0 or -1 = off (default: 0)")
+    g.add_argument("--min-p", type=_number, default=0.0, metavar="P", help="in [0, 1] (default: 0)")
+    g.add_argument("--repetition-penalty", type=_number, default=1.0, metavar="R", help="> 0, 1 = off (default: 1)")
+    g.add_argument("--presence-penalty", type=_number, default=0.0, metavar="P", help="in [-2, 2] (default: 0)")
+    g.add_argument("--frequency-penalty", type=_number, default=0.0, metavar="F", help="in [-2, 2] (default: 0)")
+    g.add_argument("--seed", type=int, metavar="S", help="makes sampling reproducible")
+    g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
+    g.add_argument("--system", metavar="TEXT", help="system message (implies --chat)")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print text as it is produced (default: on)")
+    g.add_argument("--stats", action="store_true", help="print token counts, TTFT and tokens/s to stderr")
+    g.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
+    g.set_defaults(func=cmd_generate, parser=g)
+
+    i = commands.add_parser("info", help="describe a model", description="Load a model and print what it is, one 'key: value' a line.")
+    _model_options(i)
+    i.add_argument("--device", choices=DEVICE_CHOICES, help="default: cuda when present")
+    i.set_defaults(func=cmd_info, parser=i)
+
+    b = commands.add_parser("bench", help="benchmarks", description="Benchmarks on the Spec-Bench questions.")
+    kinds = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    bp = kinds.add_parser(
+        "plain",
+        help="plain greedy decoding, specserve vs. transformers",
+        description="Plain greedy decoding of the first N Spec-Bench questions of every category (first turn, chat "
+        "template), the same number of new tokens for each engine (EOS ignored); prints a Markdown table and "
+        "writes raw per-request JSONL. Questions: $SPECSERVE_BENCH_QUESTIONS or shared/bench/spec_bench_questions.jsonl "
+        "found above the current directory.",
+    )
+    _model_options(bp, "dtype of both engines (default: bfloat16 where the hardware has it)")
+    bp.add_argument("--n-per-category", type=_count(1), default=1, metavar="N", help="questions per category (default: 1)")
+    bp.add_argument("--max-tokens", type=_count(1), default=128, metavar="N", help="new tokens per request (default: 128)")
+    bp.add_argument("--repetitions", type=_count(1), default=3, metavar="R", help="timed passes over the prompts (default: 3)")
+    bp.add_argument("--warmup", type=_count(0), default=1, metavar="W", help="untimed requests per engine first (default: 1)")
+    bp.add_argument("--no-peer", action="store_true", help="run specserve only, not transformers")
+    bp.add_argument("--out", default="bench_out", metavar="DIR", help="where raw JSONL and the report go (default: bench_out/)")
+    bp.set_defaults(func=cmd_bench_plain, parser=bp)
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _load_llm(parser: ArgumentParser, args: argparse.Namespace):
+    """The model, with every bad flag reported before the (slow) load where possible."""
+    if args.model is not None and not os.path.exists(args.model):
+        parser.error(f"--model: path does not exist: {args.model}")
+    from specserve.api import LLM, resolve_device
+
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(f"--device: {exc}")
+    try:
+        return LLM(args.model, dtype=args.dtype, device=args.device)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        parser.error(f"--model: cannot load {args.model or 'the default model'}: {exc}")
+
+
+def cmd_generate(parser: ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+            seed=args.seed,
+            stop=args.stop,
+        )
+    except ValueError as exc:
+        parser.error(_flag_error(exc))
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = _load_llm(parser, args)
+    try:
+        if args.chat or args.system is not None:
+            messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+            ids = llm.chat_prompt(messages + [{"role": "user", "content": prompt}])
+        else:
+            ids = llm.encode(prompt)
+    except ValueError as exc:
+        parser.error(f"PROMPT: {exc}")
+    if not ids:
+        parser.error("PROMPT: the prompt is empty")
+    if len(ids) >= llm.max_model_len:
+        parser.error(f"PROMPT: {len(ids)} tokens do not fit the context limit (max_model_len {llm.max_model_len})")
+
+    started = time.perf_counter()
+    first_text: float | None = None
+    seq = None  # the engine's sequence, for --stats
+    text = ""
+    if args.stream:
+        before = set(llm.engine.requests)
+        for delta in llm.stream(ids, params):
+            if first_text is None:
+                first_text = time.perf_counter()
+                new = [s for k, s in llm.engine.requests.items() if k not in before]
+                seq = new[0] if len(new) == 1 else None
+            text += delta
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        metrics, finish = (seq.metrics, seq.finish_reason) if seq is not None else (None, None)
+    else:
+        out = llm.generate([ids], params)[0]
+        text, metrics, finish = out.text, out.metrics, out.finish_reason
+        sys.stdout.write(text)
+    if not text.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.stats:
+        _print_stats(len(ids), time.perf_counter() - started, first_text and first_text - started, metrics, finish, llm.load_time)
+    return 0
+
+
+def _print_stats(prompt_tokens: int, wall: float, first_text: float | None, metrics, finish: str | None, load_time: float) -> None:
+    rows: list[tuple[str, str]] = [("prompt tokens", str(prompt_tokens))]
+    if metrics is not None:
+        ttft, rate = metrics.ttft, metrics.decode_tokens_per_s
+        rows += [
+            ("generated tokens", str(metrics.generated_tokens)),
+            ("finish reason", str(finish)),
+            ("ttft", "n/a" if ttft is None else f"{ttft * 1e3:.1f} ms"),
+            ("decode tokens/s", "n/a" if rate is None else f"{rate:.1f}"),
+            ("overall tokens/s", f"{metrics.generated_tokens / wall:.1f}" if wall > 0 else "n/a"),
+        ]
+    elif first_text is not None:
+        rows.append(("time to first text", f"{first_text * 1e3:.1f} ms"))
+    rows += [("total time", f"{wall:.3f} s"), ("load time", f"{load_time:.2f} s")]
+    for key, value in rows:
+        print(f"{key}: {value}", file=sys.stderr)
+
+
+def cmd_info(parser: ArgumentParser, args: argparse.Namespace) -> int:
+    llm = _load_llm(parser, args)
+    for key, value in llm.info().items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def cmd_bench_plain(parser: ArgumentParser, args: argparse.Namespace) -> int:
+    if args.model is not None and not os.path.exists(args.model):
+        parser.error(f"--model: path does not exist: {args.model}")
+    from specserve.bench.plain import run_plain_bench
+
+    try:
+        run_plain_bench(
+            model=args.model,
+            dtype=args.dtype,
+            n_per_category=args.n_per_category,
+            max_tokens=args.max_tokens,
+            repetitions=args.repetitions,
+            warmup=args.warmup,
+            peer=not args.no_peer,
+            out_dir=args.out,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args.parser, args)  # the command's own parser: `specserve generate: error: ...`
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `specserve generate ... | head -1`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

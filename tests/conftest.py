@@ -1,0 +1,58 @@
+"""Shared fixtures: the real default model (loaded once per session) and its reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from specserve.model.loader import default_model_path
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> str:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def llm_fp32():
+    from specserve import LLM
+
+    return LLM(dtype="float32", device="cpu", max_num_seqs=8)
+
+
+@pytest.fixture(scope="session")
+def llm_bf16():
+    from specserve import LLM
+
+    return LLM(dtype="bfloat16", device="cpu", max_num_seqs=8)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm_fp32(gguf_path):
+    """transformers' own model from the same GGUF file (it dequantizes it itself)."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32
+    )
+    return model.eval()
+
+
+# long-form questions: greedy answers run to the 128-token limit
+CHAT_PROMPTS = [
+    "Write a detailed essay about the history of the city of Rome.",
+    "Explain in detail how a binary search works, step by step, with an example in Python.",
+    "Describe the water cycle in detail for a school textbook.",
+    "Write a long story about a robot who learns to paint.",
+    "Give a detailed comparison of trains, cars and planes for travelling across Europe.",
+]

@@ -1,0 +1,172 @@
+"""The `specserve` command line, run as a user would (subprocesses), and the bench workload loader.
+
+Only four invocations load the model (a few seconds each); `--help` and bad flags fail before.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from specserve.bench.workload import (
+    QUESTIONS_ENV,
+    categories,
+    find_questions_file,
+    load_questions,
+    select_per_category,
+)
+
+TIMEOUT = 600  # the shared 2-core machines can be very slow under load
+
+
+def cli(*args: str, stdin: str | None = None, script: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [script] if script else [sys.executable, "-m", "specserve.cli"]
+    return subprocess.run(cmd + list(args), input=stdin, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def installed_script() -> str | None:
+    beside = Path(sys.executable).parent / "specserve"
+    return str(beside) if beside.exists() else shutil.which("specserve")
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- no model load
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["info"], ["bench"], ["bench", "plain"]])
+def test_help(command):
+    proc = cli(*command, "--help")
+    assert_ok(proc)
+    assert proc.stdout.startswith("usage: specserve")
+    if command == ["generate"]:
+        for flag in ("--temperature", "--top-p", "--stop", "--chat", "--system", "--no-stream", "--stats", "PROMPT"):
+            assert flag in proc.stdout
+    if command == ["bench", "plain"]:
+        for flag in ("--n-per-category", "--max-tokens", "--repetitions", "--warmup", "--no-peer", "--out"):
+            assert flag in proc.stdout
+
+
+def test_installed_script_help():
+    script = installed_script()
+    if script is None:
+        pytest.skip("the `specserve` console script is not installed")
+    proc = cli("--help", script=script)
+    assert_ok(proc)
+    assert "generate" in proc.stdout and "bench" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-p", "2"], "--top-p"),
+        (["--max-tokens", "0"], "--max-tokens"),
+        (["--model", "/nonexistent"], "--model"),
+        (["--presence-penalty", "nan"], "--presence-penalty"),
+    ],
+)
+def test_bad_flags(args, flag):
+    proc = cli("generate", *args, "Hello")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "error:" in lines[0] and flag in lines[0]
+    assert proc.stdout == ""
+
+
+def test_temperature_error_echoes_value():
+    proc = cli("generate", "--temperature", "-1", "Hello")
+    assert "error: --temperature must be >= 0, got -1" in proc.stderr
+
+
+def test_missing_command():
+    proc = cli()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- with the default model
+
+
+def test_info():
+    script = installed_script()  # the console script when installed, else `python -m`
+    proc = cli("info", "--dtype", "float32", script=script)
+    assert_ok(proc)
+    info = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
+    for key in ("model", "architecture", "family", "parameters", "dtype", "device", "max_model_len"):
+        assert key in info
+    assert info["family"] == "llama"
+    assert info["dtype"] == "float32"
+    assert int(info["parameters"]) > 100_000_000
+
+
+def test_generate_greedy_from_stdin_with_stats():
+    proc = cli("generate", "--max-tokens", "8", "--stats", "-", stdin="Hello")
+    assert_ok(proc)
+    assert proc.stdout.strip()
+    stats = dict(line.split(": ", 1) for line in proc.stderr.strip().splitlines() if ": " in line)
+    assert 1 <= int(stats["generated tokens"]) <= 8
+    assert int(stats["prompt tokens"]) >= 1
+    assert "ttft" in stats and "decode tokens/s" in stats
+
+
+def test_generate_chat_seeded_is_reproducible():
+    args = ["generate", "--chat", "--max-tokens", "8", "--seed", "1", "--temperature", "0.7", "What is the sky?"]
+    streamed = cli(*args)
+    whole = cli(*args[:-1], "--no-stream", args[-1])
+    assert_ok(streamed)
+    assert_ok(whole)
+    assert streamed.stdout.strip()
+    assert streamed.stdout == whole.stdout  # same seed: same text, streamed or not
+
+
+# ---------------------------------------------------------------- bench workload
+
+
+@pytest.fixture(scope="module")
+def questions_file() -> Path:
+    try:
+        return find_questions_file()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def test_workload_first_n_of_every_category(questions_file):
+    questions = load_questions(questions_file)
+    cats = categories(questions)
+    assert len(cats) == 13 and "writing" in cats and "rag" in cats
+    chosen = select_per_category(questions, 2)
+    assert categories(chosen) == cats
+    for cat in cats:
+        mine = [q for q in chosen if q.category == cat]
+        assert mine == [q for q in questions if q.category == cat][:2]
+    assert all(q.turns and isinstance(q.turns[0], str) for q in chosen)
+    with pytest.raises(ValueError):
+        select_per_category(questions, 0)
+
+
+def test_workload_env_override(tmp_path, monkeypatch):
+    path = tmp_path / "q.jsonl"
+    rows = [{"question_id": i, "category": "ab"[i % 2], "turns": [f"q{i}"]} for i in range(5)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    monkeypatch.setenv(QUESTIONS_ENV, str(path))
+    assert find_questions_file() == path
+    chosen = select_per_category(load_questions(), 2)
+    assert [q.question_id for q in chosen] == [0, 2, 1, 3]
+    monkeypatch.setenv(QUESTIONS_ENV, str(tmp_path / "missing.jsonl"))
+    with pytest.raises(FileNotFoundError, match=QUESTIONS_ENV):
+        find_questions_file()
+
+
+def test_workload_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        find_questions_file(env={}, cwd=tmp_path, package_dir=tmp_path)
