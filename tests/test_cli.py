@@ -170,3 +170,27 @@ def test_workload_env_override(tmp_path, monkeypatch):
 def test_workload_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         find_questions_file(env={}, cwd=tmp_path, package_dir=tmp_path)
+
+
+def test_bench_summary_and_report():
+    plain = pytest.importorskip("specserve.bench.plain")
+    from specserve.bench.workload import Question
+
+    prompts = [plain.Prompt(Question(i, cat, ("q",)), [1, 2, 3]) for i, cat in ((1, "a"), (2, "b"))]
+    records = []
+    for rep in range(3):
+        for method, wall in ((plain.OURS, 1.0 + rep), (plain.PEER, 2.0)):
+            for p in prompts:
+                ids = [5, 6] if method == plain.OURS or p.question.question_id == 1 else [5, 7]
+                q = p.question
+                records.append(plain.Record(method, q.question_id, q.category, rep, 3, 2, wall, None, ids))
+    summaries = {m: plain.summarize(records, m, 3) for m in (plain.OURS, plain.PEER)}
+    assert summaries[plain.OURS].per_repetition == [2.0, 1.0, pytest.approx(2 / 3)]  # 4 tokens / total wall
+    assert summaries[plain.OURS].median == 1.0 and summaries[plain.PEER].median == 1.0
+    assert summaries[plain.OURS].deterministic
+    model = {"model": "/x/m.gguf", "family": "llama", "parameters": 1_000_000}
+    res = plain.BenchResult({"CPU": "test"}, model, prompts, 2, 3, 1, records, summaries)
+    assert [d for _, d in res.agreement()] == [None, 1]
+    report = plain.format_report(res)
+    assert "| specserve | 1.0 | 0.7 |" in report and "1.00x" in report
+    assert "identical to transformers: 1/2 prompts" in report and "b-2 at token 1" in report

@@ -21,6 +21,7 @@ from specserve.engine.runner import ModelRunner
 from specserve.engine.sequence import RequestMetrics, Sequence, TokenLogprob
 from specserve.model.loader import build_model, default_model_path, read_checkpoint
 from specserve.sampling.params import SamplingParams
+from specserve.spec import AdaptiveSpecPolicy, FixedSpecPolicy, make_drafter, measure_forward_cost
 
 Prompt = Union[str, list[int]]
 Messages = list[dict[str, Any]]
@@ -91,6 +92,12 @@ class LLM:
         max_model_len: context limit per sequence (prompt + output).
         max_num_seqs: sequences decoded together (KV cache slots).
         max_num_batched_tokens: token budget of one forward (prefill is chunked by it).
+        spec: speculative decoding method: "ngram", "suffix", "draft-model:PATH",
+            "layer-skip" (or "layer-skip:L1,L2,..."); None = plain decoding.
+        num_spec_tokens: most draft tokens per step (default 8 for n-gram/suffix, 4 for
+            model drafters).
+        adaptive_spec: pick each sequence's draft length from its acceptance history and
+            the measured forward cost (False: always num_spec_tokens).
     """
 
     def __init__(
@@ -101,6 +108,9 @@ class LLM:
         max_model_len: int | None = None,
         max_num_seqs: int = 8,
         max_num_batched_tokens: int = 512,
+        spec: str | None = None,
+        num_spec_tokens: int | None = None,
+        adaptive_spec: bool = True,
     ) -> None:
         if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 2):
             raise ValueError(f"max_model_len must be an int >= 2, got {max_model_len!r}")
@@ -119,8 +129,40 @@ class LLM:
         self.model = build_model(cfg, checkpoint.tensors, self.dtype, self.device, limit)
         del checkpoint
         cache = KVCache(cfg.num_layers, max_num_seqs, limit, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        self.max_num_seqs = max_num_seqs
         self.engine = Engine(ModelRunner(self.model, cache), self.tokenizer, max_num_batched_tokens)
+        self.set_spec(spec, num_spec_tokens, adaptive_spec)
         self.load_time = time.perf_counter() - started
+
+    def set_spec(self, spec: str | None, num_spec_tokens: int | None = None, adaptive: bool = True) -> None:
+        """Switch the speculative method (None = plain decoding) on the loaded model.
+
+        Only between requests: the drafter's state belongs to the requests it saw.
+        """
+        if self.engine.has_unfinished():
+            raise RuntimeError("cannot change the speculative method while requests are running")
+        if num_spec_tokens is not None and (not isinstance(num_spec_tokens, int) or not 1 <= num_spec_tokens <= 32):
+            raise ValueError(f"num_spec_tokens must be an int in [1, 32], got {num_spec_tokens!r}")
+        drafter, policy = None, None
+        if spec is not None:
+            if num_spec_tokens is None:
+                num_spec_tokens = 8 if spec in ("ngram", "suffix") else 4
+            runner = self.engine.runner
+            drafter = make_drafter(spec, runner, self.tokenizer, num_spec_tokens, self.max_num_seqs)
+            if adaptive:
+                policy = AdaptiveSpecPolicy(num_spec_tokens, self._forward_cost(num_spec_tokens + 1))
+            else:
+                policy = FixedSpecPolicy(num_spec_tokens)
+        self.spec, self.num_spec_tokens = spec, num_spec_tokens
+        self.engine.drafter = drafter
+        self.engine.policy = policy if policy is not None else FixedSpecPolicy(0)
+
+    def _forward_cost(self, max_tokens: int) -> list[float]:
+        """Measured target forward time for 1..max_tokens tokens (cached per size)."""
+        cached = getattr(self, "_cost_table", None)
+        if cached is None or len(cached) < max_tokens:
+            self._cost_table = measure_forward_cost(self.engine.runner, max_tokens)
+        return self._cost_table[:max_tokens]
 
     # ------------------------------------------------------------------ inputs
 
@@ -194,12 +236,14 @@ class LLM:
             "model": self.model_path,
             "architecture": cfg.architecture,
             "family": cfg.family,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters": self.model.num_parameters(),
             "layers": cfg.num_layers,
             "hidden_size": cfg.hidden_size,
             "vocab_size": cfg.vocab_size,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "max_model_len": self.max_model_len,
+            "spec": self.spec,
+            "num_spec_tokens": self.num_spec_tokens,
             "load_time_s": round(self.load_time, 2),
         }

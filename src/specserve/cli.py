@@ -61,38 +61,41 @@ def _flag_error(exc: ValueError) -> str:
     return message
 
 
-def _model_options(p: argparse.ArgumentParser, dtype_help: str = "weights and compute dtype (default: bfloat16 where the hardware has it)") -> None:
-    p.add_argument("--model", metavar="PATH", help="a .gguf file or a Hugging Face model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help=dtype_help)
+def _model_options(p: argparse.ArgumentParser, dtype_help: str, device: bool = True) -> None:
+    p.add_argument(
+        "--model", metavar="PATH", help="a .gguf file or a Hugging Face model dir (default: SmolLM2-135M-Instruct)"
+    )
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help=f"{dtype_help} (default: bfloat16 where the hardware has it)")
+    if device:
+        p.add_argument("--device", choices=DEVICE_CHOICES, help="default: cuda when present")
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="specserve", description="Fast, lossless LLM decoding.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    g = commands.add_parser("generate", help="complete one prompt", description="Complete one prompt and print the text.")
-    _model_options(g)
-    g.add_argument("--device", choices=DEVICE_CHOICES, help="default: cuda when present")
-    g.add_argument("--max-tokens", type=int, default=128, metavar="N", help="most new tokens (default: 128)")
-    g.add_argument("--temperature", type=_number, default=0.0, metavar="T", help="0 = greedy (default: 0)")
-    g.add_argument("--top-p", type=_number, default=1.0, metavar="P", help="nucleus sampling, in (0, 1] (default: 1)")
-    g.add_argument("--top-k", type=int, default=0, metavar="K", help="0 or -1 = off (default: 0)")
-    g.add_argument("--min-p", type=_number, default=0.0, metavar="P", help="in [0, 1] (default: 0)")
-    g.add_argument("--repetition-penalty", type=_number, default=1.0, metavar="R", help="> 0, 1 = off (default: 1)")
-    g.add_argument("--presence-penalty", type=_number, default=0.0, metavar="P", help="in [-2, 2] (default: 0)")
-    g.add_argument("--frequency-penalty", type=_number, default=0.0, metavar="F", help="in [-2, 2] (default: 0)")
-    g.add_argument("--seed", type=int, metavar="S", help="makes sampling reproducible")
-    g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
-    g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
-    g.add_argument("--system", metavar="TEXT", help="system message (implies --chat)")
-    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print text as it is produced (default: on)")
-    g.add_argument("--stats", action="store_true", help="print token counts, TTFT and tokens/s to stderr")
-    g.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
+    g = commands.add_parser("generate", help="complete one prompt", description="Complete one prompt, print the text.")
+    _model_options(g, "weights and compute dtype")
+    add = g.add_argument
+    add("--max-tokens", type=int, default=128, metavar="N", help="most new tokens (default: 128)")
+    add("--temperature", type=_number, default=0.0, metavar="T", help="0 = greedy (default: 0)")
+    add("--top-p", type=_number, default=1.0, metavar="P", help="nucleus sampling, in (0, 1] (default: 1)")
+    add("--top-k", type=int, default=0, metavar="K", help="0 or -1 = off (default: 0)")
+    add("--min-p", type=_number, default=0.0, metavar="P", help="in [0, 1] (default: 0)")
+    add("--repetition-penalty", type=_number, default=1.0, metavar="R", help="> 0, 1 = off (default: 1)")
+    add("--presence-penalty", type=_number, default=0.0, metavar="P", help="in [-2, 2] (default: 0)")
+    add("--frequency-penalty", type=_number, default=0.0, metavar="F", help="in [-2, 2] (default: 0)")
+    add("--seed", type=int, metavar="S", help="makes sampling reproducible")
+    add("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    add("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
+    add("--system", metavar="TEXT", help="system message (implies --chat)")
+    add("--stream", action=argparse.BooleanOptionalAction, default=True, help="print text as it comes (default: on)")
+    add("--stats", action="store_true", help="print token counts, TTFT and tokens/s to stderr")
+    add("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
     g.set_defaults(func=cmd_generate, parser=g)
 
-    i = commands.add_parser("info", help="describe a model", description="Load a model and print what it is, one 'key: value' a line.")
-    _model_options(i)
-    i.add_argument("--device", choices=DEVICE_CHOICES, help="default: cuda when present")
+    i = commands.add_parser("info", help="describe a model", description="Print what a model is, 'key: value' a line.")
+    _model_options(i, "weights and compute dtype")
     i.set_defaults(func=cmd_info, parser=i)
 
     b = commands.add_parser("bench", help="benchmarks", description="Benchmarks on the Spec-Bench questions.")
@@ -102,16 +105,17 @@ def build_parser() -> ArgumentParser:
         help="plain greedy decoding, specserve vs. transformers",
         description="Plain greedy decoding of the first N Spec-Bench questions of every category (first turn, chat "
         "template), the same number of new tokens for each engine (EOS ignored); prints a Markdown table and "
-        "writes raw per-request JSONL. Questions: $SPECSERVE_BENCH_QUESTIONS or shared/bench/spec_bench_questions.jsonl "
-        "found above the current directory.",
+        "writes raw per-request JSONL. Questions: $SPECSERVE_BENCH_QUESTIONS, else "
+        "shared/bench/spec_bench_questions.jsonl found above the current directory.",
     )
-    _model_options(bp, "dtype of both engines (default: bfloat16 where the hardware has it)")
-    bp.add_argument("--n-per-category", type=_count(1), default=1, metavar="N", help="questions per category (default: 1)")
-    bp.add_argument("--max-tokens", type=_count(1), default=128, metavar="N", help="new tokens per request (default: 128)")
-    bp.add_argument("--repetitions", type=_count(1), default=3, metavar="R", help="timed passes over the prompts (default: 3)")
-    bp.add_argument("--warmup", type=_count(0), default=1, metavar="W", help="untimed requests per engine first (default: 1)")
-    bp.add_argument("--no-peer", action="store_true", help="run specserve only, not transformers")
-    bp.add_argument("--out", default="bench_out", metavar="DIR", help="where raw JSONL and the report go (default: bench_out/)")
+    _model_options(bp, "dtype of both engines", device=False)
+    add = bp.add_argument
+    add("--n-per-category", type=_count(1), default=1, metavar="N", help="questions per category (default: 1)")
+    add("--max-tokens", type=_count(1), default=128, metavar="N", help="new tokens per request (default: 128)")
+    add("--repetitions", type=_count(1), default=3, metavar="R", help="timed passes over the prompts (default: 3)")
+    add("--warmup", type=_count(0), default=1, metavar="W", help="untimed requests per engine first (default: 1)")
+    add("--no-peer", action="store_true", help="run specserve only, not transformers")
+    add("--out", default="bench_out", metavar="DIR", help="where raw JSONL and the report go (default: bench_out/)")
     bp.set_defaults(func=cmd_bench_plain, parser=bp)
     return parser
 
@@ -189,11 +193,16 @@ def cmd_generate(parser: ArgumentParser, args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     sys.stdout.flush()
     if args.stats:
-        _print_stats(len(ids), time.perf_counter() - started, first_text and first_text - started, metrics, finish, llm.load_time)
+        wall = time.perf_counter() - started
+        first = None if first_text is None else first_text - started
+        _print_stats(len(ids), wall, first, metrics, finish, llm.load_time)
     return 0
 
 
-def _print_stats(prompt_tokens: int, wall: float, first_text: float | None, metrics, finish: str | None, load_time: float) -> None:
+def _print_stats(
+    prompt_tokens: int, wall: float, first_text: float | None, metrics, finish: str | None, load_time: float
+) -> None:
+    """`key: value` lines on stderr; `metrics` is the request's RequestMetrics (None if it could not be found)."""
     rows: list[tuple[str, str]] = [("prompt tokens", str(prompt_tokens))]
     if metrics is not None:
         ttft, rate = metrics.ttft, metrics.decode_tokens_per_s

@@ -216,8 +216,8 @@ class BenchResult:
         ]
 
 
-def _fmt(x: float | None, spec: str = ".1f") -> str:
-    return "—" if x is None else format(x, spec)
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word[:-1] + 'ies' if word.endswith('y') else word + 's'}"
 
 
 def format_report(res: BenchResult) -> str:
@@ -229,9 +229,10 @@ def format_report(res: BenchResult) -> str:
     m = res.model
     lines += [
         f"| model | {os.path.basename(m['model'])} ({m['family']}, {m['parameters'] / 1e6:.1f}M parameters) |",
-        f"| workload | Spec-Bench first turns, {len(res.prompts)} prompts ({n_cat} categories), chat template, "
+        f"| workload | Spec-Bench first turns, {_plural(len(res.prompts), 'prompt')} ({_plural(n_cat, 'category')}), "
+        "chat template, "
         f"greedy, {res.max_tokens} new tokens each (EOS ignored) |",
-        f"| runs | {res.warmup} warm-up per engine, {res.repetitions} repetitions, engines interleaved |",
+        f"| runs | {res.warmup} warm-up per engine, {_plural(res.repetitions, 'repetition')}, engines interleaved |",
         "",
         "tokens/s = new tokens / wall time of the generate call (prefill included), summed over the prompts "
         "of one repetition.",
@@ -252,11 +253,16 @@ def format_report(res: BenchResult) -> str:
         diverged = [f"{p.question.prompt_id} at token {d}" for p, d in agree if d is not None]
         if diverged:
             lines.append(f"First divergence: {', '.join(diverged)}.")
-        lines += ["", "| category | prompt tokens | specserve tok/s | transformers tok/s | ratio |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| category | prompt tokens | specserve tok/s | transformers tok/s | ratio |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for cat in dict.fromkeys(p.question.category for p in res.prompts):
             ids = {p.question.question_id for p in res.prompts if p.question.category == cat}
             ptoks = sum(len(p.token_ids) for p in res.prompts if p.question.question_id in ids) / len(ids)
-            rates = [tokens_per_s([r for r in res.records if r.method == meth and r.prompt_id in ids]) for meth in (OURS, PEER)]
+            mine = [r for r in res.records if r.prompt_id in ids]
+            rates = [tokens_per_s([r for r in mine if r.method == method]) for method in (OURS, PEER)]
             lines.append(f"| {cat} | {ptoks:.0f} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[0] / rates[1]:.2f}x |")
         lines.append("")
     lines.append(
@@ -328,9 +334,8 @@ def run_plain_bench(
                 bar.set_postfix_str(f"{name} rep {rep + 1}/{repetitions}")
                 for p in prompts:
                     new, wall, ttft = runners[name](p.token_ids, max_tokens)
-                    rec = Record(
-                        name, p.question.question_id, p.question.category, rep, len(p.token_ids), len(new), wall, ttft, new
-                    )
+                    q = p.question
+                    rec = Record(name, q.question_id, q.category, rep, len(p.token_ids), len(new), wall, ttft, new)
                     records.append(rec)
                     raw.write(json.dumps(asdict(rec)) + "\n")
                     raw.flush()

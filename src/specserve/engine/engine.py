@@ -18,6 +18,17 @@ from specserve.engine.sequence import Sequence, Status, TokenLogprob
 from specserve.sampling.logits import SamplingTensors, build_token_counts, build_token_mask, process_batch
 from specserve.sampling.params import SamplingParams
 from specserve.sampling.sampler import compute_logprobs, sample
+from specserve.sampling.verifier import target_distributions, verify
+from specserve.spec.base import Drafter, SequenceView
+from specserve.spec.policy import FixedSpecPolicy, SpecPolicy
+
+
+def _count_positions(counts: list[int], n: int) -> None:
+    """counts[j] += 1 for j < n, growing the list as needed."""
+    if len(counts) < n:
+        counts.extend([0] * (n - len(counts)))
+    for j in range(n):
+        counts[j] += 1
 
 
 def needs_processing(params: SamplingParams) -> bool:
@@ -49,6 +60,8 @@ class Engine:
         runner: ModelRunner,
         tokenizer,
         max_num_batched_tokens: int = 512,
+        drafter: Drafter | None = None,
+        policy: SpecPolicy | None = None,
     ) -> None:
         if max_num_batched_tokens <= 0:
             raise ValueError(f"max_num_batched_tokens must be > 0, got {max_num_batched_tokens}")
@@ -56,6 +69,8 @@ class Engine:
         self.cache: KVCache = runner.cache
         self.tokenizer = tokenizer
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.drafter = drafter
+        self.policy = policy if policy is not None else FixedSpecPolicy(0)
         self.eos_ids = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else frozenset()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -101,18 +116,25 @@ class Engine:
             self.running.append(seq)
 
     def step(self) -> list[Sequence]:
-        """Run one forward over the active batch; returns the sequences that progressed."""
+        """Run one forward over the active batch; returns the sequences that progressed.
+
+        Decoding sequences contribute their last token plus the drafter's proposal
+        (zero or more tokens each); sequences in prefill contribute a prompt chunk.
+        """
         self._admit()
         if not self.running:
             return []
+        decoding = [s for s in self.running if s.status is Status.DECODE]
+        drafts = self._propose(decoding)
         items: list[ForwardItem] = []
-        sampled: list[Sequence] = []  # sequences that get a token from this forward
+        sampled: list[Sequence] = []  # sequences that get tokens from this forward, in row order
+        sampled_drafts: list[list[int]] = []
         budget = self.max_num_batched_tokens
-        for seq in self.running:
-            if seq.status is Status.DECODE:
-                items.append(ForwardItem(seq.slot, seq.num_cached, [seq.all_ids[-1]]))
-                sampled.append(seq)
-                budget -= 1
+        for seq, d in zip(decoding, drafts):
+            items.append(ForwardItem(seq.slot, seq.num_cached, [seq.all_ids[-1], *d], logits_from=0))
+            sampled.append(seq)
+            sampled_drafts.append(d)
+            budget -= 1 + len(d)
         for seq in self.running:
             if seq.status is Status.PREFILL and budget > 0:
                 chunk = seq.prompt_ids[seq.num_cached : seq.num_cached + budget]
@@ -121,26 +143,99 @@ class Engine:
                 budget -= len(chunk)
                 if done:
                     sampled.append(seq)
+                    sampled_drafts.append([])
+                else:
+                    seq.num_cached += len(chunk)
+                    self.cache.commit(seq.slot, seq.num_cached)
+        t0 = time.perf_counter()
         logits, _ = self.runner.forward(items)
-        progressed: list[Sequence] = []
-        slot_to_seq = {seq.slot: seq for seq in self.running}
-        for item in items:
-            seq = slot_to_seq[item.slot]
-            seq.num_cached += len(item.token_ids)
-            self.cache.commit(seq.slot, seq.num_cached)
-        tokens = self._sample(sampled, logits)
+        emitted = self._verify(sampled, sampled_drafts, logits)
+        verify_time = time.perf_counter() - t0
         now = time.perf_counter()
-        for seq, token in zip(sampled, tokens):
+        for seq, d, tokens in zip(sampled, sampled_drafts, emitted):
+            n_acc = len(tokens) - 1
             if seq.status is Status.PREFILL:
+                seq.num_cached = len(seq.prompt_ids)
                 seq.status = Status.DECODE
                 seq.metrics.first_token_time = now
+            else:
+                seq.num_cached += 1 + n_acc  # the fed token and the accepted drafts; the rest rolls back
+                m = seq.metrics
+                m.verify_time += verify_time
+                m.drafted_tokens += len(d)
+                m.accepted_tokens += n_acc
+                _count_positions(m.drafted_per_position, len(d))
+                _count_positions(m.accepted_per_position, n_acc)
+            self.cache.commit(seq.slot, seq.num_cached)
             seq.metrics.forward_passes += 1
-            self.append_tokens(seq, [token])
-            progressed.append(seq)
-        return progressed
+            self.append_tokens(seq, tokens)
+        if self.drafter is not None and decoding:
+            views = [self._view(s) for s in decoding]
+            self.drafter.observe(views, [len(t) - 1 for t in emitted[: len(decoding)]])
+            for seq, d, tokens in zip(decoding, drafts, emitted):
+                self.policy.update(seq.request_id, len(d), len(tokens) - 1)
+        return sampled
+
+    def _view(self, seq: Sequence) -> SequenceView:
+        return SequenceView(seq.request_id, seq.all_ids, len(seq.prompt_ids), seq.params, seq.slot, seq.generator)
+
+    def _propose(self, decoding: list[Sequence]) -> list[list[int]]:
+        """Draft tokens per decoding sequence (empty lists without a drafter)."""
+        self._draft_probs: list[torch.Tensor | None] = [None] * len(decoding)
+        if self.drafter is None or not decoding:
+            return [[] for _ in decoding]
+        budgets = []
+        for seq in decoding:
+            room = min(
+                self.cache.max_len - seq.num_tokens - 1,  # KV room for the drafts
+                seq.params.max_tokens - len(seq.output_ids) - 1,  # never draft past max_tokens
+            )
+            budgets.append(max(0, min(self.policy.budget(seq.request_id), room)))
+        if not any(budgets):
+            return [[] for _ in decoding]
+        t0 = time.perf_counter()
+        proposal = self.drafter.propose([self._view(s) for s in decoding], budgets)
+        draft_time = time.perf_counter() - t0
+        self.policy.observe_draft_time(draft_time, sum(len(t) for t in proposal.token_ids))
+        for seq in decoding:
+            seq.metrics.draft_time += draft_time
+        self._draft_probs = list(proposal.probs)
+        return [list(t[:b]) for t, b in zip(proposal.token_ids, budgets)]
+
+    def _verify(self, seqs: list[Sequence], drafts: list[list[int]], logits: torch.Tensor) -> list[list[int]]:
+        """Emitted tokens per sequence from `logits` `[sum(k_i + 1), V]` (row order = seqs)."""
+        if not any(drafts):
+            return [[t] for t in self._sample(seqs, logits)]
+        params = [s.params for s in seqs]
+        penalised, probs = target_distributions(
+            logits, params, [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], drafts
+        )
+        cu = [0]
+        for d in drafts:
+            cu.append(cu[-1] + len(d))
+        flat = torch.tensor([t for d in drafts for t in d], dtype=torch.long, device=logits.device)
+        draft_probs = list(self._draft_probs) + [None] * (len(seqs) - len(self._draft_probs))
+        draft_probs = [q[: len(d)] if q is not None else None for q, d in zip(draft_probs, drafts)]
+        result = verify(probs, flat, cu, draft_probs, [p.greedy for p in params], [s.generator for s in seqs])
+        if any(p.logprobs is not None for p in params):
+            row = 0
+            for seq, d, tokens in zip(seqs, drafts, result.emitted):
+                if seq.params.logprobs is not None:
+                    rows = torch.arange(row, row + len(tokens))
+                    lp = compute_logprobs(penalised[rows], torch.tensor(tokens), seq.params.logprobs)
+                    seq.pending_logprobs = [
+                        TokenLogprob(
+                            tok,
+                            float(lp.token_logprobs[j]),
+                            list(zip(lp.top_token_ids[j].tolist(), lp.top_logprobs[j].tolist())),
+                        )
+                        for j, tok in enumerate(tokens)
+                    ]
+                row += len(d) + 1
+        return result.emitted
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """One token per sequence from its row of `logits` `[len(seqs), V]`."""
+        """One token per sequence from its row of `logits` `[len(seqs), V]` (no drafts)."""
         params = [s.params for s in seqs]
         penalised, probs = processed_logits(logits, params, [s.output_ids for s in seqs], [s.prompt_ids for s in seqs])
         if probs is None:
@@ -205,6 +300,9 @@ class Engine:
         if seq.slot is not None:
             self.cache.free(seq.slot)
             seq.slot = None
+        if self.drafter is not None:
+            self.drafter.release(seq.request_id)
+        self.policy.release(seq.request_id)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

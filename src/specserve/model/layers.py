@@ -152,15 +152,12 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(
+    def project(
         self,
         x: torch.Tensor,  # [T, hidden]
         cos: torch.Tensor,  # [T, 1, D]
         sin: torch.Tensor,  # [T, 1, D]
-        meta: AttentionMetadata,
-        k_cache: torch.Tensor,  # [S, Hkv, L, D]
-        v_cache: torch.Tensor,  # [S, Hkv, L, D]
-    ) -> torch.Tensor:  # [T, hidden]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q [Hq, T, D], k/v [Hkv, T, D]
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
@@ -169,9 +166,25 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q = apply_rope(q, cos, sin).transpose(0, 1)  # [Hq, T, D]
-        k = apply_rope(k, cos, sin).transpose(0, 1)  # [Hkv, T, D]
-        v = v.transpose(0, 1)  # [Hkv, T, D]
+        q = apply_rope(q, cos, sin).transpose(0, 1)
+        k = apply_rope(k, cos, sin).transpose(0, 1)
+        return q, k, v.transpose(0, 1)
+
+    @torch.compiler.disable
+    def attend(
+        self,
+        q: torch.Tensor,  # [Hq, T, D]
+        k: torch.Tensor,  # [Hkv, T, D]
+        v: torch.Tensor,  # [Hkv, T, D]
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,  # [S, Hkv, L, D]
+        v_cache: torch.Tensor,  # [S, Hkv, L, D]
+    ) -> torch.Tensor:  # [T, Hq * D]
+        """Write the new K/V into each sequence's slot and attend over its cache.
+
+        Kept out of `torch.compile` graphs: it loops over the sequences of the batch.
+        """
+        T = q.shape[1]
         masks = meta.sliding_masks if self.sliding else meta.masks
         outs = []
         for i, slot in enumerate(meta.slots):
@@ -194,7 +207,11 @@ class Attention(nn.Module):
                 )[0]
             )
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [Hq, T, D]
-        return self.o_proj(out.transpose(0, 1).reshape(T, self.q_size))
+        return out.transpose(0, 1).reshape(T, self.q_size)
+
+    def forward(self, x, cos, sin, meta, k_cache, v_cache) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        q, k, v = self.project(x, cos, sin)
+        return self.o_proj(self.attend(q, k, v, meta, k_cache, v_cache))
 
 
 class MLP(nn.Module):

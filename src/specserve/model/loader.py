@@ -18,6 +18,7 @@ import torch
 
 from specserve.config import ModelConfig, RopeConfig
 from specserve.model import registry
+from specserve.model.cpu_kernels import pack_linears, packing_available
 from specserve.model.transformer import DecoderModel
 
 log = logging.getLogger(__name__)
@@ -256,10 +257,14 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device | str,
     max_len: int,
+    pack: bool = True,
 ) -> DecoderModel:
     with torch.device("meta"):
         model = DecoderModel(cfg, max_len)
     model.load_state_dict(_state_dict(cfg, tensors, dtype), strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
+    if pack and packing_available(dtype, torch.device(device)):
+        pack_linears(model)
+    return model

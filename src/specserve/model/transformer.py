@@ -59,6 +59,18 @@ class DecoderModel(nn.Module):
                 x = layer(x, cos, sin, meta, cache.k[i], cache.v[i])
         return self.norm(x)
 
+    def num_parameters(self) -> int:
+        """Weights of the model (prepacked linear weights and a tied head counted once)."""
+        seen: set[int] = set()
+        total = 0
+        for t in [*self.parameters(), *(m.packed for m in self.modules() if hasattr(m, "packed"))]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel()
+        if self.config.tie_word_embeddings and hasattr(self.lm_head, "packed"):
+            total -= self.lm_head.packed.numel()  # a packed copy of the tied embedding
+        return total
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
         logits = self.lm_head(hidden).float()
         cap = self.config.final_logit_softcapping

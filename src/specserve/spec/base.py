@@ -1,0 +1,83 @@
+"""The drafter protocol: what every drafter (n-gram, suffix, draft model, layer skip,
+trained heads) offers the engine. The engine never branches on a drafter's name.
+
+One step, for a batch of sequences (each with its own draft budget, zero included):
+
+    proposal = drafter.propose(views, budgets)       # ragged chains (+ draft probs)
+    ... target verifies [last token, d1..dk] of every sequence in one forward ...
+    drafter.observe(views, num_accepted)             # outcome of the verification
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence as Seq
+
+import torch
+
+from specserve.sampling.params import SamplingParams
+
+
+@dataclass
+class SequenceView:
+    """What a drafter may read of one sequence."""
+
+    request_id: str
+    token_ids: list[int]  # prompt + output so far (the last one is not yet in the target's KV cache)
+    num_prompt_tokens: int
+    params: SamplingParams
+    slot: int  # the sequence's KV slot in the target cache
+    generator: torch.Generator | None = None  # the request's RNG (drafts sampled from q use it)
+
+
+@dataclass
+class DraftProposal:
+    """Draft chains for a batch, ragged: sequence i proposes `token_ids[i]` (maybe empty).
+
+    `probs[i]` is the draft distribution q the tokens were drawn from, `[k_i, V]`
+    float32, or None for drafters without one (n-gram, suffix: q is one-hot at the
+    proposed token). Lossless sampling needs q exactly as the drafts were sampled.
+    """
+
+    token_ids: list[list[int]]
+    probs: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.probs:
+            self.probs = [None] * len(self.token_ids)
+        if len(self.probs) != len(self.token_ids):
+            raise ValueError("DraftProposal needs one probs entry per sequence")
+
+    @property
+    def num_draft_tokens(self) -> list[int]:
+        return [len(t) for t in self.token_ids]
+
+    @property
+    def cu_num_draft_tokens(self) -> list[int]:
+        out, total = [0], 0
+        for t in self.token_ids:
+            total += len(t)
+            out.append(total)
+        return out
+
+
+class Drafter(Protocol):
+    """A source of draft tokens."""
+
+    name: str
+
+    def propose(self, seqs: Seq[SequenceView], budgets: Seq[int]) -> DraftProposal:
+        """Up to `budgets[i]` draft tokens for sequence i (0 = none asked)."""
+        ...
+
+    def observe(self, seqs: Seq[SequenceView], num_accepted: Seq[int]) -> None:
+        """Verification outcome: `num_accepted[i]` of sequence i's drafts were kept.
+
+        Called after the sequence's tokens were updated (`seqs[i].token_ids` already
+        holds the accepted tokens plus the bonus/recovered one).
+        """
+        ...
+
+    def release(self, request_id: str) -> None:
+        """The request finished or was aborted: drop its state."""
+        ...
