@@ -1,8 +1,9 @@
 """Speculative sampling is lossless, end to end through the engine, for every drafter.
 
-A tiny random-weight model with a 12-token vocabulary generates 2 tokens from a fixed
-prompt under many seeds. The exact distribution of plain sampling over those 2-token
-outputs is enumerated from the model itself; a chi-square goodness-of-fit test checks
+A tiny random-weight model with a 12-token vocabulary generates 4 tokens from a fixed
+prompt under many seeds (the first comes from the prefill, the next ones from steps
+that verify up to 2 draft tokens). The exact distribution of plain sampling over the
+first 3 tokens is enumerated from the model itself; a chi-square goodness-of-fit test checks
 the speculative outputs against it. A deliberately biased verifier must fail the same
 test, which shows the test can fail.
 """
@@ -25,7 +26,8 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 12
 PROMPT = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3]  # repetitive, so n-gram/suffix drafters propose
 SAMPLES = 3000
-NEW = 2
+NEW = 3  # tokens whose joint distribution is checked
+MAX_TOKENS = 4
 
 
 def make_tiny(path, seed: int, layers: int = 4) -> str:
@@ -111,7 +113,7 @@ def run_samples(llm: LLM, params: SamplingParams) -> tuple[dict[tuple[int, ...],
     for start in range(0, SAMPLES, 500):
         seqs_params = [
             SamplingParams(
-                max_tokens=NEW, temperature=params.temperature, top_p=params.top_p, seed=start + i, ignore_eos=True
+                max_tokens=MAX_TOKENS, temperature=params.temperature, top_p=params.top_p, seed=start + i, ignore_eos=True
             )
             for i in range(500)
         ]
@@ -146,7 +148,7 @@ SPECS = ["ngram", "suffix", "draft-model", "layer-skip:1,2"]
 def test_speculative_sampling_matches_plain_distribution(spec, temperature, top_p, tiny_target, tiny_draft):
     llm = LLM(tiny_target, dtype="float32", device="cpu", spec=spec_name(spec, tiny_draft), num_spec_tokens=3,
               adaptive_spec=False, max_num_seqs=64, max_model_len=64)
-    params = SamplingParams(max_tokens=NEW, temperature=temperature, top_p=top_p)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, top_p=top_p)
     expected = exact_distribution(llm, params)
     counts, drafted = run_samples(llm, params)
     assert drafted > SAMPLES // 2, f"{spec} drafted only {drafted} tokens: the test would not exercise verification"
@@ -169,7 +171,7 @@ def test_chi_square_catches_a_biased_verifier(tiny_target, monkeypatch):
     monkeypatch.setattr(engine_module, "verify", accept_all)
     llm = LLM(tiny_target, dtype="float32", device="cpu", spec="ngram", num_spec_tokens=3, adaptive_spec=False,
               max_num_seqs=64, max_model_len=64)
-    params = SamplingParams(max_tokens=NEW, temperature=1.0)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0)
     expected = exact_distribution(llm, params)
     counts, drafted = run_samples(llm, params)
     assert drafted > 0

@@ -9,14 +9,12 @@ several repetitions, and the headline is the ratio of the medians.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,8 +22,24 @@ import torch
 from tqdm import tqdm
 
 from specserve.api import LLM
-from specserve.bench.workload import Question, load_questions, select_per_category
+from specserve.bench.common import (
+    Prompt,
+    build_prompts,
+    categories_of,
+    check_fits,
+    first_divergence,
+    header_table,
+    machine_info,
+    publish_report,
+    raw_jsonl_path,
+    select_questions,
+    tokens_per_s,
+    write_record,
+)
+from specserve.bench.common import plural as _plural
 from specserve.sampling.params import SamplingParams
+
+__all__ = ["Prompt", "Record", "machine_info", "tokens_per_s", "first_divergence", "run_plain_bench"]
 
 OURS = "specserve"
 PEER = "transformers"
@@ -43,12 +57,6 @@ class Record:
     new_tokens: int
     wall_s: float
     ttft_s: float | None
-    token_ids: list[int]
-
-
-@dataclass
-class Prompt:
-    question: Question
     token_ids: list[int]
 
 
@@ -131,34 +139,6 @@ def transformers_runner(model: Any, device: torch.device) -> GenerateFn:
 # ---------------------------------------------------------------- summary
 
 
-def machine_info(llm: LLM) -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "CPU": cpu,
-        "cores (os.cpu_count)": str(os.cpu_count()),
-        "torch": torch.__version__,
-        "torch threads": str(torch.get_num_threads()),
-        "device": str(llm.device),
-        "dtype": str(llm.dtype).removeprefix("torch."),
-    }
-    if llm.device.type == "cuda":
-        info["GPU"] = torch.cuda.get_device_name(llm.device)
-    return info
-
-
-def tokens_per_s(records: list[Record]) -> float:
-    wall = sum(r.wall_s for r in records)
-    return sum(r.new_tokens for r in records) / wall if wall > 0 else float("nan")
-
-
 @dataclass
 class MethodSummary:
     method: str
@@ -186,13 +166,6 @@ def summarize(records: list[Record], method: str, repetitions: int) -> MethodSum
     return MethodSummary(method, per_rep, statistics.median(ttfts) if ttfts else None, deterministic)
 
 
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
 @dataclass
 class BenchResult:
     machine: dict[str, str]
@@ -216,23 +189,17 @@ class BenchResult:
         ]
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word[:-1] + 'ies' if word.endswith('y') else word + 's'}"
-
-
 def format_report(res: BenchResult) -> str:
     ours = res.summaries[OURS]
     peer = res.summaries.get(PEER)
-    n_cat = len(dict.fromkeys(p.question.category for p in res.prompts))
-    lines = ["## specserve bench plain", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in res.machine.items()]
-    m = res.model
+    n_cat = len(categories_of(res.prompts))
+    workload = (
+        f"Spec-Bench first turns, {_plural(len(res.prompts), 'prompt')} ({_plural(n_cat, 'category')}), "
+        f"chat template, greedy, {res.max_tokens} new tokens each (EOS ignored)"
+    )
+    runs = f"{res.warmup} warm-up per engine, {_plural(res.repetitions, 'repetition')}, engines interleaved"
+    lines = header_table("specserve bench plain", res.machine, res.model, [("workload", workload), ("runs", runs)])
     lines += [
-        f"| model | {os.path.basename(m['model'])} ({m['family']}, {m['parameters'] / 1e6:.1f}M parameters) |",
-        f"| workload | Spec-Bench first turns, {_plural(len(res.prompts), 'prompt')} ({_plural(n_cat, 'category')}), "
-        "chat template, "
-        f"greedy, {res.max_tokens} new tokens each (EOS ignored) |",
-        f"| runs | {res.warmup} warm-up per engine, {_plural(res.repetitions, 'repetition')}, engines interleaved |",
         "",
         "tokens/s = new tokens / wall time of the generate call (prefill included), summed over the prompts "
         "of one repetition.",
@@ -258,7 +225,7 @@ def format_report(res: BenchResult) -> str:
             "| category | prompt tokens | specserve tok/s | transformers tok/s | ratio |",
             "|---|---:|---:|---:|---:|",
         ]
-        for cat in dict.fromkeys(p.question.category for p in res.prompts):
+        for cat in categories_of(res.prompts):
             ids = {p.question.question_id for p in res.prompts if p.question.category == cat}
             ptoks = sum(len(p.token_ids) for p in res.prompts if p.question.question_id in ids) / len(ids)
             mine = [r for r in res.records if r.prompt_id in ids]
@@ -290,22 +257,17 @@ def run_plain_bench(
     out_dir: str | os.PathLike[str] = "bench_out",
     questions_path: str | os.PathLike[str] | None = None,
     stdout: IO[str] | None = None,
+    categories: Iterable[str] | None = None,
 ) -> BenchResult:
     """Run the benchmark, print the Markdown report to `stdout` and return the result."""
-    stdout = stdout or sys.stdout
     if max_tokens < 1 or repetitions < 1 or warmup < 0:
         raise ValueError("need max_tokens >= 1, repetitions >= 1 and warmup >= 0")
-    questions = select_per_category(load_questions(questions_path), n_per_category)
+    questions = select_questions(questions_path, n_per_category, categories)
     notes: list[str] = []
 
     llm = LLM(model, dtype=dtype)
-    prompts = [Prompt(q, llm.chat_prompt([{"role": "user", "content": q.turns[0]}])) for q in questions]
-    longest = max(len(p.token_ids) for p in prompts)
-    if longest + max_tokens > llm.max_model_len:
-        raise ValueError(
-            f"the longest prompt has {longest} tokens: with {max_tokens} new tokens it exceeds "
-            f"max_model_len {llm.max_model_len}"
-        )
+    prompts = build_prompts(llm, questions)
+    check_fits(prompts, max_tokens, llm.max_model_len)
 
     runners: dict[str, GenerateFn] = {OURS: specserve_runner(llm)}
     if not peer:
@@ -317,9 +279,7 @@ def run_plain_bench(
         notes += hf_notes
         runners[PEER] = transformers_runner(hf_model, llm.device)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    raw_path = out / f"plain_{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    raw_path = raw_jsonl_path(out_dir, "plain")
     records: list[Record] = []
     total = len(runners) * (warmup + repetitions * len(prompts))
     with open(raw_path, "w", encoding="utf-8") as raw, tqdm(total=total, desc="bench plain", file=sys.stderr) as bar:
@@ -337,8 +297,7 @@ def run_plain_bench(
                     q = p.question
                     rec = Record(name, q.question_id, q.category, rep, len(p.token_ids), len(new), wall, ttft, new)
                     records.append(rec)
-                    raw.write(json.dumps(asdict(rec)) + "\n")
-                    raw.flush()
+                    write_record(raw, rec)
                     bar.update()
 
     wrong = [r for r in records if r.new_tokens != max_tokens]
@@ -356,8 +315,5 @@ def run_plain_bench(
         notes=notes,
         raw_path=raw_path,
     )
-    report = format_report(result)
-    raw_path.with_suffix(".md").write_text(report, encoding="utf-8")
-    stdout.write(report)
-    stdout.flush()
+    publish_report(format_report(result), raw_path, stdout)
     return result

@@ -94,3 +94,17 @@ def select_per_category(questions: list[Question], n_per_category: int) -> list[
     if not isinstance(n_per_category, int) or n_per_category < 1:
         raise ValueError(f"n_per_category must be an int >= 1, got {n_per_category!r}")
     return [q for cat in categories(questions) for q in [q for q in questions if q.category == cat][:n_per_category]]
+
+
+def filter_categories(questions: list[Question], wanted: Iterable[str] | None) -> list[Question]:
+    """Only the questions of the `wanted` categories (None or empty: all); unknown names are an error."""
+    wanted = [c for c in (wanted or []) if c]
+    if not wanted:
+        return list(questions)
+    known = categories(questions)
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        noun = "category" if len(unknown) == 1 else "categories"
+        raise ValueError(f"unknown {noun} {', '.join(unknown)}; choose from {', '.join(known)}")
+    keep = set(wanted)
+    return [q for q in questions if q.category in keep]

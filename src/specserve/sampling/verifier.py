@@ -206,7 +206,8 @@ def verify(
         target_probs: processed target distribution at every verified
             position; row ``j`` of sequence ``i`` (global row
             ``cu[i] + i + j``) is the distribution after ``d_1..d_j``.
-        draft_token_ids: the drafts of all sequences, flattened.
+        draft_token_ids: the drafts of all sequences, flattened; ids must lie
+            in ``[0, V)``.
         cu_num_draft_tokens: ``[0, k_0, k_0 + k_1, ...]``.
         draft_probs: per sequence the draft distribution ``q`` (``[k_i, V]``)
             the drafts were sampled from, or ``None`` for a deterministic

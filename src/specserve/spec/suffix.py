@@ -408,7 +408,7 @@ class SuffixDrafter:
         return len(self._history)
 
     def num_global_nodes(self) -> int:
-        """Nodes of the global trie (walks it: O(nodes))."""
+        """Materialised nodes of the global trie (walks it: O(nodes))."""
         return self._global.num_nodes()
 
     # -------------------------------------------------------------------- state

@@ -1,0 +1,144 @@
+"""Pieces shared by the `specserve bench` commands: workload, machine header, raw records, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import torch
+
+from specserve.bench.workload import Question, filter_categories, load_questions, select_per_category
+
+
+@dataclass
+class Prompt:
+    """One benchmark question as the token ids every engine/method gets."""
+
+    question: Question
+    token_ids: list[int]
+
+
+class TimedRecord(Protocol):
+    new_tokens: int
+    wall_s: float
+
+
+# ---------------------------------------------------------------- workload
+
+
+def select_questions(
+    questions_path: str | os.PathLike[str] | None, n_per_category: int, categories: Iterable[str] | None = None
+) -> list[Question]:
+    """The first `n_per_category` questions of every (wanted) category, grouped by category."""
+    return select_per_category(filter_categories(load_questions(questions_path), categories), n_per_category)
+
+
+def build_prompts(llm, questions: Sequence[Question]) -> list[Prompt]:
+    """First turns through the model's chat template."""
+    return [Prompt(q, llm.chat_prompt([{"role": "user", "content": q.turns[0]}])) for q in questions]
+
+
+def check_fits(prompts: Sequence[Prompt], max_tokens: int, max_model_len: int) -> None:
+    longest = max(len(p.token_ids) for p in prompts)
+    if longest + max_tokens > max_model_len:
+        raise ValueError(
+            f"the longest prompt has {longest} tokens: with {max_tokens} new tokens it exceeds "
+            f"max_model_len {max_model_len}"
+        )
+
+
+def categories_of(prompts: Sequence[Prompt]) -> list[str]:
+    return list(dict.fromkeys(p.question.category for p in prompts))
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def machine_info(llm) -> dict[str, str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "CPU": cpu,
+        "cores (os.cpu_count)": str(os.cpu_count()),
+        "torch": torch.__version__,
+        "torch threads": str(torch.get_num_threads()),
+        "device": str(llm.device),
+        "dtype": str(llm.dtype).removeprefix("torch."),
+    }
+    if llm.device.type == "cuda":
+        info["GPU"] = torch.cuda.get_device_name(llm.device)
+    return info
+
+
+def tokens_per_s(records: Iterable[TimedRecord]) -> float:
+    """Total new tokens / total wall time (NaN without time)."""
+    records = list(records)
+    wall = sum(r.wall_s for r in records)
+    return sum(r.new_tokens for r in records) / wall if wall > 0 else float("nan")
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """The first index where `a` and `b` differ (a length difference counts), None when equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+# ---------------------------------------------------------------- output
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word[:-1] + 'ies' if word.endswith('y') else word + 's'}"
+
+
+def model_row(model: dict[str, Any]) -> str:
+    """`| model | m.gguf (llama, 134.5M parameters) |` from `LLM.info()`."""
+    name = os.path.basename(model["model"])
+    return f"| model | {name} ({model['family']}, {model['parameters'] / 1e6:.1f}M parameters) |"
+
+
+def header_table(
+    title: str, machine: dict[str, str], model: dict[str, Any], rows: Iterable[tuple[str, str]]
+) -> list[str]:
+    """The report's opening: a title and a key/value table (machine, model, then `rows`)."""
+    lines = [f"## {title}", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in machine.items()]
+    lines.append(model_row(model))
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return lines
+
+
+def raw_jsonl_path(out_dir: str | os.PathLike[str], prefix: str) -> Path:
+    """`OUT/PREFIX_YYYYmmdd-HHMMSS.jsonl` (the directory is created)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+
+
+def write_record(raw: IO[str], record: Any) -> None:
+    """One dataclass record as one JSON line, flushed (a crashed run keeps what it measured)."""
+    raw.write(json.dumps(asdict(record)) + "\n")
+    raw.flush()
+
+
+def publish_report(report: str, raw_path: Path, stdout: IO[str] | None = None) -> None:
+    """The Markdown report next to the raw JSONL (same name, `.md`) and on `stdout`."""
+    raw_path.with_suffix(".md").write_text(report, encoding="utf-8")
+    stdout = stdout or sys.stdout
+    stdout.write(report)
+    stdout.flush()
