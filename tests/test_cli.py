@@ -1,6 +1,6 @@
 """The `specserve` command line, run as a user would (subprocesses), and the bench workload loader.
 
-Only four invocations load the model (a few seconds each); `--help` and bad flags fail before.
+Only six invocations load the model (a few seconds each); `--help` and most bad flags fail before.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
 # ---------------------------------------------------------------- no model load
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["info"], ["bench"], ["bench", "plain"]])
+@pytest.mark.parametrize("command", [[], ["generate"], ["info"], ["bench"], ["bench", "plain"], ["bench", "spec"]])
 def test_help(command):
     proc = cli(*command, "--help")
     assert_ok(proc)
@@ -50,8 +50,14 @@ def test_help(command):
     if command == ["generate"]:
         for flag in ("--temperature", "--top-p", "--stop", "--chat", "--system", "--no-stream", "--stats", "PROMPT"):
             assert flag in proc.stdout
+        for flag in ("--spec", "--num-spec-tokens", "--no-adaptive-spec"):
+            assert flag in proc.stdout
     if command == ["bench", "plain"]:
         for flag in ("--n-per-category", "--max-tokens", "--repetitions", "--warmup", "--no-peer", "--out"):
+            assert flag in proc.stdout
+    if command == ["bench", "spec"]:
+        for flag in ("--methods", "--draft-model", "--draft-layers", "--n-per-category", "--categories", "--max-tokens",
+                     "--repetitions", "--warmup", "--num-spec-tokens", "--out"):
             assert flag in proc.stdout
 
 
@@ -82,6 +88,33 @@ def test_bad_flags(args, flag):
     assert len(lines) == 1, proc.stderr
     assert "error:" in lines[0] and flag in lines[0]
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--spec", "bogus"],
+        ["--spec", "draft-model:/nonexistent"],
+        ["--spec", "draft-model"],
+        ["--spec", "ngram:3"],
+        ["--spec", "layer-skip:a,b"],
+        ["--spec", "ngram", "--num-spec-tokens", "0"],
+        ["--spec", "ngram", "--num-spec-tokens", "33"],
+        ["--num-spec-tokens", "4"],  # without --spec
+    ],
+)
+def test_bad_spec_fails_before_loading(args):
+    proc = cli("generate", *args, "Hello")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "error:" in lines[0] and ("--spec" in lines[0] or "--num-spec-tokens" in lines[0])
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_unknown_spec_names_the_choices():
+    proc = cli("generate", "--spec", "bogus", "Hello")
+    assert "error: --spec: unknown method 'bogus'" in proc.stderr and "draft-model:PATH" in proc.stderr
 
 
 def test_temperature_error_echoes_value():
@@ -117,6 +150,39 @@ def test_generate_greedy_from_stdin_with_stats():
     assert 1 <= int(stats["generated tokens"]) <= 8
     assert int(stats["prompt tokens"]) >= 1
     assert "ttft" in stats and "decode tokens/s" in stats
+
+
+def test_generate_spec_stats():
+    proc = cli("generate", "--spec", "ngram", "--num-spec-tokens", "4", "--max-tokens", "16", "--stats", "--no-stream",
+               "Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,")
+    assert_ok(proc)
+    stats = dict(line.split(": ", 1) for line in proc.stderr.strip().splitlines() if ": " in line)
+    assert stats["spec"].startswith("ngram (num_spec_tokens 4, adaptive)")
+    generated, forwards = int(stats["generated tokens"]), int(stats["forward passes"])
+    assert 1 <= forwards <= generated <= 16
+    assert float(stats["acceptance length"]) == pytest.approx(generated / forwards, abs=0.01)
+    assert int(stats["accepted tokens"]) <= int(stats["drafted tokens"])
+    assert "acceptance rate" in stats
+
+
+def test_generate_draft_model_with_another_vocabulary(tmp_path):
+    """A draft model whose vocabulary differs from the target's is refused at start-up, naming --spec."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1000, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "rope_theta": 10000.0, "tie_word_embeddings": True,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    save_file({"model.embed_tokens.weight": torch.zeros(1000, 64)}, str(tmp_path / "model.safetensors"))
+    proc = cli("generate", "--spec", f"draft-model:{tmp_path}", "--max-tokens", "4", "Hello")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "error: --spec" in lines[0] and "vocabulary" in lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 def test_generate_chat_seeded_is_reproducible():

@@ -1,4 +1,4 @@
-"""Command line: `specserve generate | info | bench plain`.
+"""Command line: `specserve generate | info | bench plain | bench spec`.
 
 Bad input ends with one `error:` line naming the flag and exit code 2, never a traceback.
 """
@@ -52,6 +52,16 @@ def _count(minimum: int):
     return parse
 
 
+def _spec_tokens(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int: {text!r}") from None
+    if not 1 <= value <= 32:
+        raise argparse.ArgumentTypeError(f"must be in [1, 32], got {value}")
+    return value
+
+
 def _flag_error(exc: ValueError) -> str:
     """`temperature must be >= 0, got -1` -> `--temperature must be >= 0, got -1`."""
     message = str(exc)
@@ -90,7 +100,24 @@ def build_parser() -> ArgumentParser:
     add("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     add("--system", metavar="TEXT", help="system message (implies --chat)")
     add("--stream", action=argparse.BooleanOptionalAction, default=True, help="print text as it comes (default: on)")
-    add("--stats", action="store_true", help="print token counts, TTFT and tokens/s to stderr")
+    add("--stats", action="store_true", help="print token counts, TTFT, tokens/s and speculation stats to stderr")
+    add(
+        "--spec",
+        metavar="METHOD",
+        help="speculative decoding: ngram, suffix, draft-model:PATH or layer-skip[:L1,L2,...] (default: off)",
+    )
+    add(
+        "--num-spec-tokens",
+        type=_spec_tokens,
+        metavar="N",
+        help="most draft tokens per step, in [1, 32] (default: 8 for ngram/suffix, 4 for model drafters)",
+    )
+    add(
+        "--no-adaptive-spec",
+        dest="adaptive_spec",
+        action="store_false",
+        help="always draft --num-spec-tokens tokens (default: adapt the draft length per request)",
+    )
     add("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
     g.set_defaults(func=cmd_generate, parser=g)
 
@@ -116,17 +143,84 @@ def build_parser() -> ArgumentParser:
     add("--warmup", type=_count(0), default=1, metavar="W", help="untimed requests per engine first (default: 1)")
     add("--no-peer", action="store_true", help="run specserve only, not transformers")
     add("--out", default="bench_out", metavar="DIR", help="where raw JSONL and the report go (default: bench_out/)")
+    add("--categories", metavar="LIST", help="comma-separated Spec-Bench categories (default: all)")
     bp.set_defaults(func=cmd_bench_plain, parser=bp)
+
+    bs = kinds.add_parser(
+        "spec",
+        help="speculative decoding methods vs. plain decoding",
+        description="Speculative decoding methods against specserve's own plain decoding, in one run on one loaded "
+        "target: the first N Spec-Bench questions of every category (first turn, chat template, greedy, EOS "
+        "respected), batch size 1, for each prompt plain decoding and then each method. Reports acceptance length, "
+        "tokens/s and speedup per category, acceptance per draft position, drafting/verification time and whether "
+        "outputs equal plain decoding's; writes raw per-request JSONL and the Markdown report to --out. Questions: "
+        "$SPECSERVE_BENCH_QUESTIONS, else shared/bench/spec_bench_questions.jsonl found above the current directory.",
+    )
+    _model_options(bs, "dtype of target and draft model", device=False)
+    add = bs.add_argument
+    add(
+        "--methods",
+        default="ngram,suffix,draft-model,layer-skip",
+        metavar="LIST",
+        help="comma-separated, from ngram, suffix, draft-model, layer-skip (default: all four)",
+    )
+    draft = bs.add_mutually_exclusive_group()
+    draft.add_argument("--draft-model", metavar="PATH", help="draft model for draft-model (a .gguf or HF dir)")
+    draft.add_argument(
+        "--draft-layers",
+        type=_count(1),
+        metavar="N",
+        help="derive the draft model from the target's first N layers, in a temp dir (default: 8)",
+    )
+    add("--n-per-category", type=_count(1), default=5, metavar="N", help="questions per category (default: 5)")
+    add("--categories", metavar="LIST", help="comma-separated Spec-Bench categories (default: all)")
+    add("--max-tokens", type=_count(1), default=256, metavar="N", help="most new tokens per request (default: 256)")
+    add("--repetitions", type=_count(1), default=1, metavar="R", help="timed passes over the prompts (default: 1)")
+    add("--warmup", type=_count(0), default=1, metavar="W", help="untimed requests per method first (default: 1)")
+    add(
+        "--num-spec-tokens",
+        type=_spec_tokens,
+        metavar="K",
+        help="most draft tokens per step, in [1, 32] (default: 8 for ngram/suffix, 4 for model drafters)",
+    )
+    add("--no-adaptive-spec", dest="adaptive_spec", action="store_false", help="fixed draft length K")
+    add("--out", default="bench_out", metavar="DIR", help="where raw JSONL and the report go (default: bench_out/)")
+    bs.set_defaults(func=cmd_bench_spec, parser=bs)
     return parser
 
 
 # ---------------------------------------------------------------- commands
 
 
+def _check_spec(parser: ArgumentParser, spec: str | None) -> None:
+    """What can be told of `--spec` without the model: the method's name, a draft model path that exists."""
+    if spec is None:
+        return
+    from specserve.spec import SPEC_METHODS
+
+    name, colon, arg = spec.partition(":")
+    choices = ", ".join(SPEC_METHODS)
+    if name in ("ngram", "suffix"):
+        if colon:
+            parser.error(f"--spec: {name} takes no argument, got {spec!r}")
+    elif name == "draft-model":
+        if not arg:
+            parser.error("--spec: draft-model needs the draft model's path: draft-model:PATH")
+        if not os.path.exists(arg):
+            parser.error(f"--spec: draft model path does not exist: {arg}")
+    elif name == "layer-skip":
+        if colon and not all(x.strip().isdigit() for x in arg.split(",")):
+            parser.error(f"--spec: layer-skip takes a comma-separated list of layer indices, got {arg!r}")
+    else:
+        parser.error(f"--spec: unknown method {spec!r}; choose one of {choices}")
+
+
 def _load_llm(parser: ArgumentParser, args: argparse.Namespace):
     """The model, with every bad flag reported before the (slow) load where possible."""
     if args.model is not None and not os.path.exists(args.model):
         parser.error(f"--model: path does not exist: {args.model}")
+    spec = getattr(args, "spec", None)
+    _check_spec(parser, spec)
     from specserve.api import LLM, resolve_device
 
     try:
@@ -134,9 +228,22 @@ def _load_llm(parser: ArgumentParser, args: argparse.Namespace):
     except ValueError as exc:
         parser.error(f"--device: {exc}")
     try:
-        return LLM(args.model, dtype=args.dtype, device=args.device)
+        llm = LLM(args.model, dtype=args.dtype, device=args.device)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         parser.error(f"--model: cannot load {args.model or 'the default model'}: {exc}")
+    if spec is not None:
+        # the same as LLM(..., spec=...), but a failure here is the drafter's, not the model's
+        started = time.perf_counter()
+        try:
+            llm.set_spec(spec, args.num_spec_tokens, args.adaptive_spec)
+        except (ValueError, OSError) as exc:
+            parser.error(f"--spec: cannot use {spec}: {_one_line(exc)}")
+        llm.load_time += time.perf_counter() - started
+    return llm
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def cmd_generate(parser: ArgumentParser, args: argparse.Namespace) -> int:
@@ -155,6 +262,8 @@ def cmd_generate(parser: ArgumentParser, args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         parser.error(_flag_error(exc))
+    if args.spec is None and (args.num_spec_tokens is not None or not args.adaptive_spec):
+        parser.error("--num-spec-tokens and --no-adaptive-spec need --spec")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = _load_llm(parser, args)
     try:
@@ -195,14 +304,29 @@ def cmd_generate(parser: ArgumentParser, args: argparse.Namespace) -> int:
     if args.stats:
         wall = time.perf_counter() - started
         first = None if first_text is None else first_text - started
-        _print_stats(len(ids), wall, first, metrics, finish, llm.load_time)
+        _print_stats(len(ids), wall, first, metrics, finish, llm.load_time, _spec_label(llm, args))
     return 0
 
 
+def _spec_label(llm, args: argparse.Namespace) -> str | None:
+    if llm.spec is None:
+        return None
+    return f"{llm.spec} (num_spec_tokens {llm.num_spec_tokens}, {'adaptive' if args.adaptive_spec else 'fixed'})"
+
+
 def _print_stats(
-    prompt_tokens: int, wall: float, first_text: float | None, metrics, finish: str | None, load_time: float
+    prompt_tokens: int,
+    wall: float,
+    first_text: float | None,
+    metrics,
+    finish: str | None,
+    load_time: float,
+    spec: str | None = None,
 ) -> None:
-    """`key: value` lines on stderr; `metrics` is the request's RequestMetrics (None if it could not be found)."""
+    """`key: value` lines on stderr; `metrics` is the request's RequestMetrics (None if it could not be found).
+
+    With `spec` (the speculative method, None = plain decoding), the speculation counters too.
+    """
     rows: list[tuple[str, str]] = [("prompt tokens", str(prompt_tokens))]
     if metrics is not None:
         ttft, rate = metrics.ttft, metrics.decode_tokens_per_s
@@ -213,6 +337,18 @@ def _print_stats(
             ("decode tokens/s", "n/a" if rate is None else f"{rate:.1f}"),
             ("overall tokens/s", f"{metrics.generated_tokens / wall:.1f}" if wall > 0 else "n/a"),
         ]
+        if spec is not None:
+            al, rate = metrics.acceptance_length, metrics.acceptance_rate
+            rows += [
+                ("spec", spec),
+                ("forward passes", str(metrics.forward_passes)),
+                ("acceptance length", "n/a" if al is None else f"{al:.2f}"),
+                ("drafted tokens", str(metrics.drafted_tokens)),
+                ("accepted tokens", str(metrics.accepted_tokens)),
+                ("acceptance rate", "n/a" if rate is None else f"{rate * 100:.1f}%"),
+            ]
+    elif spec is not None:
+        rows.append(("spec", spec))
     elif first_text is not None:
         rows.append(("time to first text", f"{first_text * 1e3:.1f} ms"))
     rows += [("total time", f"{wall:.3f} s"), ("load time", f"{load_time:.2f} s")]
@@ -242,9 +378,48 @@ def cmd_bench_plain(parser: ArgumentParser, args: argparse.Namespace) -> int:
             warmup=args.warmup,
             peer=not args.no_peer,
             out_dir=args.out,
+            categories=_split(args.categories),
         )
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
+    return 0
+
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_bench_spec(parser: ArgumentParser, args: argparse.Namespace) -> int:
+    if args.model is not None and not os.path.exists(args.model):
+        parser.error(f"--model: path does not exist: {args.model}")
+    if args.draft_model is not None and not os.path.exists(args.draft_model):
+        parser.error(f"--draft-model: path does not exist: {args.draft_model}")
+    if args.categories is not None and not _split(args.categories):
+        parser.error("--categories: give at least one category")
+    from specserve.bench.spec import parse_methods, run_spec_bench
+
+    try:
+        methods = parse_methods(args.methods)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        run_spec_bench(
+            model=args.model,
+            dtype=args.dtype,
+            methods=methods,
+            draft_model=args.draft_model,
+            draft_layers=args.draft_layers,
+            n_per_category=args.n_per_category,
+            max_tokens=args.max_tokens,
+            repetitions=args.repetitions,
+            warmup=args.warmup,
+            num_spec_tokens=args.num_spec_tokens,
+            adaptive=args.adaptive_spec,
+            out_dir=args.out,
+            categories=_split(args.categories),
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(_one_line(exc))
     return 0
 
 

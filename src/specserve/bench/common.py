@@ -37,7 +37,12 @@ def select_questions(
     questions_path: str | os.PathLike[str] | None, n_per_category: int, categories: Iterable[str] | None = None
 ) -> list[Question]:
     """The first `n_per_category` questions of every (wanted) category, grouped by category."""
-    return select_per_category(filter_categories(load_questions(questions_path), categories), n_per_category)
+    questions = load_questions(questions_path)
+    try:
+        questions = filter_categories(questions, categories)
+    except ValueError as exc:
+        raise ValueError(f"--categories: {exc}") from None
+    return select_per_category(questions, n_per_category)
 
 
 def build_prompts(llm, questions: Sequence[Question]) -> list[Prompt]:
@@ -79,6 +84,9 @@ def machine_info(llm) -> dict[str, str]:
         "device": str(llm.device),
         "dtype": str(llm.dtype).removeprefix("torch."),
     }
+    kv_dtype = getattr(llm, "kv_dtype", None)
+    if kv_dtype is not None and kv_dtype != llm.dtype:
+        info["KV cache dtype"] = str(kv_dtype).removeprefix("torch.")
     if llm.device.type == "cuda":
         info["GPU"] = torch.cuda.get_device_name(llm.device)
     return info

@@ -169,10 +169,12 @@ class Engine:
             self.cache.commit(seq.slot, seq.num_cached)
             seq.metrics.forward_passes += 1
             self.append_tokens(seq, tokens)
-        if self.drafter is not None and decoding:
-            views = [self._view(s) for s in decoding]
-            self.drafter.observe(views, [len(t) - 1 for t in emitted[: len(decoding)]])
-            for seq, d, tokens in zip(decoding, drafts, emitted):
+        if self.drafter is not None:
+            # finished sequences were already released by the drafter and the policy
+            live = [(s, d, t) for s, d, t in zip(decoding, drafts, emitted) if not s.finished]
+            if live:
+                self.drafter.observe([self._view(s) for s, _, _ in live], [len(t) - 1 for _, _, t in live])
+            for seq, d, tokens in live:
                 self.policy.update(seq.request_id, len(d), len(tokens) - 1)
         return sampled
 

@@ -159,16 +159,17 @@ class Attention(nn.Module):
         sin: torch.Tensor,  # [T, 1, D]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q [Hq, T, D], k/v [Hkv, T, D]
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = apply_rope(q, cos, sin).transpose(0, 1)
-        k = apply_rope(k, cos, sin).transpose(0, 1)
-        return q, k, v.transpose(0, 1)
+        heads = self.num_heads + 2 * self.num_kv_heads
+        qkv = self.qkv_proj(x).view(T, heads, self.head_dim)
+        v = qkv[:, heads - self.num_kv_heads :]
+        if self.q_norm is None:
+            # queries and keys are adjacent heads: one rotary application for both
+            qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        else:
+            q = apply_rope(self.q_norm(qkv[:, : self.num_heads]), cos, sin)
+            k = apply_rope(self.k_norm(qkv[:, self.num_heads : heads - self.num_kv_heads]), cos, sin)
+        return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
 
     @torch.compiler.disable
     def attend(
@@ -185,6 +186,8 @@ class Attention(nn.Module):
         Kept out of `torch.compile` graphs: it loops over the sequences of the batch.
         """
         T = q.shape[1]
+        out_dtype = q.dtype
+        q = q.to(k_cache.dtype)  # the cache may keep a wider dtype than the weights
         masks = meta.sliding_masks if self.sliding else meta.masks
         outs = []
         for i, slot in enumerate(meta.slots):
@@ -207,7 +210,7 @@ class Attention(nn.Module):
                 )[0]
             )
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [Hq, T, D]
-        return out.transpose(0, 1).reshape(T, self.q_size)
+        return out.transpose(0, 1).reshape(T, self.q_size).to(out_dtype)
 
     def forward(self, x, cos, sin, meta, k_cache, v_cache) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         q, k, v = self.project(x, cos, sin)

@@ -76,7 +76,8 @@ def measure_forward_cost(runner: ModelRunner, max_tokens: int, context: int = 12
     model = runner.model
     cfg = model.config
     context = max(1, min(context, model.max_len - max_tokens - 1))
-    scratch = KVCache(cfg.num_layers, 1, context + max_tokens + 1, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device)
+    kv = runner.cache.k[0]
+    scratch = KVCache(cfg.num_layers, 1, context + max_tokens + 1, cfg.num_kv_heads, cfg.head_dim, kv.dtype, kv.device)
     probe = ModelRunner(model, scratch)
     slot = scratch.allocate()
     probe.forward([ForwardItem(slot, 0, [1] * context)])

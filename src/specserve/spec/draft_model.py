@@ -52,7 +52,8 @@ class DraftModelDrafter:
         cfg = checkpoint.config
         self.path = path
         self.model = build_model(cfg, checkpoint.tensors, dtype, device, max_len)
-        cache = KVCache(cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+        kv_dtype = torch.float32 if torch.device(device).type == "cpu" else dtype
+        cache = KVCache(cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device)
         self.runner = ModelRunner(self.model, cache)
         self.cache = cache
         self._slots: dict[str, int] = {}

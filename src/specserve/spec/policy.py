@@ -53,7 +53,6 @@ class FixedSpecPolicy:
 class _Stats:
     accepted: float
     rejected: float
-    idle_steps: int = 0
 
 
 @dataclass
@@ -73,6 +72,7 @@ class AdaptiveSpecPolicy:
     probe_every: int = 8
     _stats: dict[str, _Stats] = field(default_factory=dict)
     _draft_samples: int = 0
+    _idle: dict[str, int] = field(default_factory=dict)  # steps without drafting, per request
 
     def __post_init__(self) -> None:
         if self.max_k < 0:
@@ -103,11 +103,11 @@ class AdaptiveSpecPolicy:
 
     def budget(self, request_id: str) -> int:
         k = self.best_k(self.acceptance(request_id))
-        st = self._stats.get(request_id)
-        if k == 0 and st is not None:
-            st.idle_steps += 1
-            if st.idle_steps % self.probe_every == 0:
-                return 1  # re-probe: has the text become predictable?
+        if k == 0:
+            idle = self._idle.get(request_id, 0) + 1
+            self._idle[request_id] = idle
+            if idle % self.probe_every == 0:
+                return 1  # probe: has the text become predictable?
         return k
 
     def update(self, request_id: str, drafted: int, accepted: int) -> None:
@@ -119,7 +119,7 @@ class AdaptiveSpecPolicy:
             st = self._stats[request_id] = _Stats(self.prior_acceptance * w, (1 - self.prior_acceptance) * w)
         st.accepted = st.accepted * self.decay + accepted
         st.rejected = st.rejected * self.decay + (1 if accepted < drafted else 0)
-        st.idle_steps = 0
+        self._idle.pop(request_id, None)
 
     def observe_draft_time(self, seconds: float, num_tokens: int) -> None:
         if num_tokens > 0:
@@ -129,3 +129,4 @@ class AdaptiveSpecPolicy:
 
     def release(self, request_id: str) -> None:
         self._stats.pop(request_id, None)
+        self._idle.pop(request_id, None)
