@@ -24,9 +24,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
-        # the weight stays fp32 (the model keeps norms in fp32); normalise in fp32 and
-        # cast back, as the reference implementations do for reduced precision
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
+        if x.dtype == self.weight.dtype:
+            # the fused kernel accumulates in fp32 for reduced-precision inputs
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:

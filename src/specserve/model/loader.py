@@ -212,8 +212,8 @@ def _state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch
     def weight(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype).contiguous()
 
-    def norm(t: torch.Tensor) -> torch.Tensor:  # norms stay fp32
-        return (t.float() + cfg.norm_weight_offset).contiguous()
+    def norm(t: torch.Tensor) -> torch.Tensor:  # Gemma's (1 + w) offset added in fp32
+        return (t.float() + cfg.norm_weight_offset).to(dtype).contiguous()
 
     state: dict[str, torch.Tensor] = {"embed_tokens.weight": weight(take("model.embed_tokens.weight"))}
     state["norm.weight"] = norm(take("model.norm.weight"))
