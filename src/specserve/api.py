@@ -21,7 +21,7 @@ from specserve.engine.runner import ModelRunner
 from specserve.engine.sequence import RequestMetrics, Sequence, TokenLogprob
 from specserve.model.loader import build_model, default_model_path, read_checkpoint
 from specserve.sampling.params import SamplingParams
-from specserve.spec import AdaptiveSpecPolicy, FixedSpecPolicy, make_drafter, measure_forward_cost
+from specserve.spec import AdaptiveSpecPolicy, Drafter, FixedSpecPolicy, SpecPolicy, make_drafter, measure_forward_cost
 
 Prompt = Union[str, list[int]]
 Messages = list[dict[str, Any]]
@@ -62,6 +62,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+@dataclass
+class SpecSetup:
+    """A speculative method ready to install on an `LLM` (`spec` None = plain decoding)."""
+
+    spec: str | None
+    num_spec_tokens: int | None
+    drafter: Drafter | None
+    policy: SpecPolicy
 
 
 @dataclass
@@ -142,23 +152,30 @@ class LLM:
 
         Only between requests: the drafter's state belongs to the requests it saw.
         """
-        if self.engine.has_unfinished():
-            raise RuntimeError("cannot change the speculative method while requests are running")
+        self.use_spec(self.build_spec(spec, num_spec_tokens, adaptive))
+
+    def build_spec(self, spec: str | None, num_spec_tokens: int | None = None, adaptive: bool = True) -> SpecSetup:
+        """A drafter and its draft-length policy for this model, without installing them."""
         if num_spec_tokens is not None and (not isinstance(num_spec_tokens, int) or not 1 <= num_spec_tokens <= 32):
             raise ValueError(f"num_spec_tokens must be an int in [1, 32], got {num_spec_tokens!r}")
-        drafter, policy = None, None
-        if spec is not None:
-            if num_spec_tokens is None:
-                num_spec_tokens = 8 if spec in ("ngram", "suffix") else 4
-            runner = self.engine.runner
-            drafter = make_drafter(spec, runner, self.tokenizer, num_spec_tokens, self.max_num_seqs)
-            if adaptive:
-                policy = AdaptiveSpecPolicy(num_spec_tokens, self._forward_cost(num_spec_tokens + 1))
-            else:
-                policy = FixedSpecPolicy(num_spec_tokens)
-        self.spec, self.num_spec_tokens = spec, num_spec_tokens
-        self.engine.drafter = drafter
-        self.engine.policy = policy if policy is not None else FixedSpecPolicy(0)
+        if spec is None:
+            return SpecSetup(None, None, None, FixedSpecPolicy(0))
+        if num_spec_tokens is None:
+            num_spec_tokens = 8 if spec in ("ngram", "suffix") else 4
+        runner = self.engine.runner
+        drafter = make_drafter(spec, runner, self.tokenizer, num_spec_tokens, self.max_num_seqs)
+        if adaptive:
+            policy: SpecPolicy = AdaptiveSpecPolicy(num_spec_tokens, self._forward_cost(num_spec_tokens + 1))
+        else:
+            policy = FixedSpecPolicy(num_spec_tokens)
+        return SpecSetup(spec, num_spec_tokens, drafter, policy)
+
+    def use_spec(self, setup: SpecSetup) -> None:
+        """Install a drafter built by `build_spec` (its state carries over between uses)."""
+        if self.engine.has_unfinished():
+            raise RuntimeError("cannot change the speculative method while requests are running")
+        self.spec, self.num_spec_tokens = setup.spec, setup.num_spec_tokens
+        self.engine.drafter, self.engine.policy = setup.drafter, setup.policy
 
     def _forward_cost(self, max_tokens: int) -> list[float]:
         """Measured target forward time for 1..max_tokens tokens (cached per size)."""

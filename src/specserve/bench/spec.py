@@ -3,9 +3,10 @@
 One loaded target, batch size 1, greedy, EOS respected (outputs are natural answers; a
 lossless method gives the same tokens as plain decoding, so the same number of them).
 For every prompt, plain decoding runs first and then each method, so drift on a noisy
-machine hits all of them alike. The drafter is rebuilt (`LLM.set_spec`) before every
-request: no state crosses requests (suffix's global trie starts empty; nothing learnt
-from one repetition helps the next).
+machine hits all of them alike. Each method keeps one drafter for all prompts of a
+repetition (as in serving: the suffix drafter's global history grows with earlier
+outputs); drafters are rebuilt at the start of each repetition, after the warm-up, so no
+prompt is ever drafted from its own earlier output.
 
 Per category and method: AL (acceptance length = generated tokens / target forwards,
 aggregated as total tokens / total forwards), tokens/s (total tokens / total wall) and
@@ -246,7 +247,7 @@ def format_report(res: SpecBenchResult) -> str:
         (
             "runs",
             f"{res.warmup} warm-up per method, {plural(res.repetitions, 'repetition')}; per prompt: plain, then "
-            f"{', '.join(res.methods)}; drafter rebuilt before every request",
+            f"{', '.join(res.methods)}; one drafter per method per repetition (state carries across prompts)",
         ),
         ("draft tokens", f"at most {k} per step, {'adaptive' if res.adaptive else 'fixed'} draft length"),
     ]
@@ -445,16 +446,21 @@ def run_spec_bench(
         for name in names:
             specs[name] = f"draft-model:{draft_model}" if name == "draft-model" else name
 
-        def use(method: str) -> None:
-            spec = specs[method]
-            llm.set_spec(spec, num_spec_tokens if spec is not None else None, adaptive)
+        setups: dict[str, object] = {}
 
-        for name in names:  # every drafter builds (vocabulary, files...) before anything is timed
-            try:
-                use(name)
-            except (ValueError, OSError) as exc:
-                flag = "--draft-model" if name == "draft-model" else "--methods"
-                raise ValueError(f"{flag}: {name} cannot be used with this model: {exc}") from None
+        def build_all() -> None:
+            """Fresh drafters (no history) for every method, built before anything is timed."""
+            for method, spec in specs.items():
+                try:
+                    setups[method] = llm.build_spec(spec, num_spec_tokens if spec is not None else None, adaptive)
+                except (ValueError, OSError) as exc:
+                    flag = "--draft-model" if method == "draft-model" else "--methods"
+                    raise ValueError(f"{flag}: {method} cannot be used with this model: {exc}") from None
+
+        def use(method: str) -> None:
+            llm.use_spec(setups[method])
+
+        build_all()
 
         params = SamplingParams(max_tokens=max_tokens)  # greedy, EOS respected
 
@@ -477,6 +483,10 @@ def run_spec_bench(
                     run(method, prompts[0])
                     bar.update()
             for rep in range(repetitions):
+                # each method keeps one drafter across the prompts of a repetition (the
+                # suffix drafter's global history grows as in serving); a new repetition
+                # starts fresh, so no prompt is drafted from its own earlier output
+                build_all()
                 for i, prompt in enumerate(prompts):
                     plain_ids: list[int] = []
                     for method in order:
