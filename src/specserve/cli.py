@@ -125,6 +125,17 @@ def build_parser() -> ArgumentParser:
     _model_options(i, "weights and compute dtype")
     i.set_defaults(func=cmd_info, parser=i)
 
+    d = commands.add_parser(
+        "make-draft",
+        help="derive a draft model from the target's first layers",
+        description="Save the target's first N layers + final norm + LM head as a Hugging Face directory, "
+        "usable with --spec draft-model:DIR.",
+    )
+    d.add_argument("--model", metavar="PATH", help="the target (.gguf or HF directory; default: SmolLM2-135M-Instruct)")
+    d.add_argument("--layers", type=_count(1), required=True, metavar="N", help="layers to keep")
+    d.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    d.set_defaults(func=cmd_make_draft, parser=d)
+
     b = commands.add_parser("bench", help="benchmarks", description="Benchmarks on the Spec-Bench questions.")
     kinds = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
     bp = kinds.add_parser(
@@ -360,6 +371,21 @@ def cmd_info(parser: ArgumentParser, args: argparse.Namespace) -> int:
     llm = _load_llm(parser, args)
     for key, value in llm.info().items():
         print(f"{key}: {value}")
+    return 0
+
+
+def cmd_make_draft(parser: ArgumentParser, args: argparse.Namespace) -> int:
+    from specserve.model.export import export_truncated
+    from specserve.model.loader import default_model_path
+
+    source = args.model if args.model is not None else default_model_path()
+    if not os.path.exists(source):
+        parser.error(f"--model: {source} does not exist")
+    try:
+        out = export_truncated(source, args.out, args.layers)
+    except ValueError as exc:
+        parser.error(str(exc) if "--layers" in str(exc) else f"--model: {exc}")
+    print(out)
     return 0
 
 
