@@ -143,7 +143,6 @@ def test_ragged_mixed_greedy_and_sampling() -> None:
 
 
 def test_edge_cases_zero_q_and_empty_residual() -> None:
-    v = 6
     # q(d) == 0: always rejected although p(d) = 0.5; residual = max(0, p - q) = {0}
     p0 = torch.tensor([[0.5, 0.5, 0, 0, 0, 0], [1.0 / 6] * 6])
     q0 = torch.tensor([[0.0, 1.0, 0, 0, 0, 0]])

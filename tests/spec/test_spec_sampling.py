@@ -10,7 +10,6 @@ test, which shows the test can fail.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest

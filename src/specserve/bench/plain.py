@@ -190,7 +190,6 @@ class BenchResult:
 
 
 def format_report(res: BenchResult) -> str:
-    ours = res.summaries[OURS]
     peer = res.summaries.get(PEER)
     n_cat = len(categories_of(res.prompts))
     workload = (

@@ -19,7 +19,7 @@ from specserve.sampling.logits import SamplingTensors, build_token_counts, build
 from specserve.sampling.params import SamplingParams
 from specserve.sampling.sampler import compute_logprobs, sample
 from specserve.sampling.verifier import target_distributions, verify
-from specserve.spec.base import Drafter, SequenceView
+from specserve.spec.base import DraftProposal, Drafter, SequenceView
 from specserve.spec.policy import FixedSpecPolicy, SpecPolicy
 
 
@@ -125,13 +125,14 @@ class Engine:
         if not self.running:
             return []
         decoding = [s for s in self.running if s.status is Status.DECODE]
-        drafts = self._propose(decoding)
+        proposal = self._propose(decoding)
+        drafts = proposal.token_ids
         items: list[ForwardItem] = []
         sampled: list[Sequence] = []  # sequences that get tokens from this forward, in row order
         sampled_drafts: list[list[int]] = []
         budget = self.max_num_batched_tokens
         for seq, d in zip(decoding, drafts):
-            items.append(ForwardItem(seq.slot, seq.num_cached, [seq.all_ids[-1], *d], logits_from=0))
+            items.append(ForwardItem(seq.slot, seq.num_cached, [seq.last_token, *d], logits_from=0))
             sampled.append(seq)
             sampled_drafts.append(d)
             budget -= 1 + len(d)
@@ -149,7 +150,8 @@ class Engine:
                     self.cache.commit(seq.slot, seq.num_cached)
         t0 = time.perf_counter()
         logits, _ = self.runner.forward(items)
-        emitted = self._verify(sampled, sampled_drafts, logits)
+        draft_probs = proposal.probs + [None] * (len(sampled) - len(decoding))
+        emitted = self._verify(sampled, sampled_drafts, draft_probs, logits)
         verify_time = time.perf_counter() - t0
         now = time.perf_counter()
         for seq, d, tokens in zip(sampled, sampled_drafts, emitted):
@@ -181,11 +183,10 @@ class Engine:
     def _view(self, seq: Sequence) -> SequenceView:
         return SequenceView(seq.request_id, seq.all_ids, len(seq.prompt_ids), seq.params, seq.slot, seq.generator)
 
-    def _propose(self, decoding: list[Sequence]) -> list[list[int]]:
-        """Draft tokens per decoding sequence (empty lists without a drafter)."""
-        self._draft_probs: list[torch.Tensor | None] = [None] * len(decoding)
+    def _propose(self, decoding: list[Sequence]) -> DraftProposal:
+        """Draft tokens per decoding sequence (empty chains without a drafter)."""
         if self.drafter is None or not decoding:
-            return [[] for _ in decoding]
+            return DraftProposal([[] for _ in decoding])
         budgets = []
         for seq in decoding:
             room = min(
@@ -194,18 +195,26 @@ class Engine:
             )
             budgets.append(max(0, min(self.policy.budget(seq.request_id), room)))
         if not any(budgets):
-            return [[] for _ in decoding]
+            return DraftProposal([[] for _ in decoding])
         t0 = time.perf_counter()
         proposal = self.drafter.propose([self._view(s) for s in decoding], budgets)
         draft_time = time.perf_counter() - t0
         self.policy.observe_draft_time(draft_time, sum(len(t) for t in proposal.token_ids))
         for seq in decoding:
             seq.metrics.draft_time += draft_time
-        self._draft_probs = list(proposal.probs)
-        return [list(t[:b]) for t, b in zip(proposal.token_ids, budgets)]
+        return DraftProposal(
+            [list(t[:b]) for t, b in zip(proposal.token_ids, budgets)],
+            [q[:b] if q is not None else None for q, b in zip(proposal.probs, budgets)],
+        )
 
-    def _verify(self, seqs: list[Sequence], drafts: list[list[int]], logits: torch.Tensor) -> list[list[int]]:
-        """Emitted tokens per sequence from `logits` `[sum(k_i + 1), V]` (row order = seqs)."""
+    def _verify(
+        self,
+        seqs: list[Sequence],
+        drafts: list[list[int]],
+        draft_probs: list[torch.Tensor | None],  # per sequence [k_i, V], None = one-hot q
+        logits: torch.Tensor,  # [sum(k_i + 1), V], row order = seqs
+    ) -> list[list[int]]:
+        """Emitted tokens per sequence: accepted drafts plus the bonus/recovered token."""
         if not any(drafts):
             return [[t] for t in self._sample(seqs, logits)]
         params = [s.params for s in seqs]
@@ -216,8 +225,6 @@ class Engine:
         for d in drafts:
             cu.append(cu[-1] + len(d))
         flat = torch.tensor([t for d in drafts for t in d], dtype=torch.long, device=logits.device)
-        draft_probs = list(self._draft_probs) + [None] * (len(seqs) - len(self._draft_probs))
-        draft_probs = [q[: len(d)] if q is not None else None for q, d in zip(draft_probs, drafts)]
         result = verify(probs, flat, cu, draft_probs, [p.greedy for p in params], [s.generator for s in seqs])
         if any(p.logprobs is not None for p in params):
             row = 0

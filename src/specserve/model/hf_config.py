@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from specserve.config import RopeConfig
+from specserve.config import ModelConfig, RopeConfig
 
 
 def require(cfg: dict[str, Any], key: str) -> Any:
@@ -45,3 +45,19 @@ def sliding_layers_from_hf(cfg: dict[str, Any], num_layers: int) -> tuple[bool, 
     if layer_types:
         return tuple(t == "sliding_attention" for t in layer_types)
     return (False,) * num_layers
+
+
+def qwen_style_config(cfg: dict[str, Any], family: str, architecture: str, qkv_bias: bool, qk_norm: bool) -> ModelConfig:
+    """Qwen2/Qwen3: Llama layout, optional per-layer sliding windows (`use_sliding_window`)."""
+    dims = common_dims(cfg)
+    use_window = bool(cfg.get("use_sliding_window")) and bool(cfg.get("sliding_window"))
+    return ModelConfig(
+        family=family,
+        architecture=architecture,
+        rope=rope_from_hf(cfg),
+        qkv_bias=qkv_bias,
+        qk_norm=qk_norm,
+        sliding_layers=sliding_layers_from_hf(cfg, dims["num_layers"]) if use_window else (),
+        sliding_window=int(cfg["sliding_window"]) if use_window else None,
+        **dims,
+    )

@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
+
+from specserve.validation import is_int, require_float, require_int
 
 #: Largest number of top logprobs a request may ask for (OpenAI's limit).
 MAX_LOGPROBS = 20
 #: OpenAI's allowed range for presence / frequency penalties.
 PENALTY_RANGE = (-2.0, 2.0)
-
-
-def _is_int(value: Any) -> bool:
-    """True for real integers (Python or numpy), False for bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _require_int(name: str, value: Any) -> int:
-    if not _is_int(value):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    return int(value)
-
-
-def _require_float(name: str, value: Any) -> float:
-    """Accept int/float (not bool, not str); reject NaN and infinities."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    result = float(value)
-    if not math.isfinite(result):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return result
 
 
 @dataclass(frozen=True)
@@ -72,32 +51,32 @@ class SamplingParams:
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # the dataclass is frozen
 
-        max_tokens = _require_int("max_tokens", self.max_tokens)
+        max_tokens = require_int("max_tokens", self.max_tokens)
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
         set_(self, "max_tokens", max_tokens)
 
-        temperature = _require_float("temperature", self.temperature)
+        temperature = require_float("temperature", self.temperature)
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         set_(self, "temperature", temperature)
 
-        top_p = _require_float("top_p", self.top_p)
+        top_p = require_float("top_p", self.top_p)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         set_(self, "top_p", top_p)
 
-        top_k = _require_int("top_k", self.top_k)
+        top_k = require_int("top_k", self.top_k)
         if top_k < -1:
             raise ValueError(f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k!r}")
         set_(self, "top_k", top_k)
 
-        min_p = _require_float("min_p", self.min_p)
+        min_p = require_float("min_p", self.min_p)
         if not 0.0 <= min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         set_(self, "min_p", min_p)
 
-        repetition_penalty = _require_float("repetition_penalty", self.repetition_penalty)
+        repetition_penalty = require_float("repetition_penalty", self.repetition_penalty)
         if repetition_penalty <= 0:
             raise ValueError(
                 f"repetition_penalty must be > 0, got {self.repetition_penalty!r}"
@@ -107,13 +86,13 @@ class SamplingParams:
         lo, hi = PENALTY_RANGE
         for name in ("presence_penalty", "frequency_penalty"):
             raw = getattr(self, name)
-            value = _require_float(name, raw)
+            value = require_float(name, raw)
             if not lo <= value <= hi:
                 raise ValueError(f"{name} must be in [{lo:g}, {hi:g}], got {raw!r}")
             set_(self, name, value)
 
         if self.seed is not None:
-            seed = _require_int("seed", self.seed)
+            seed = require_int("seed", self.seed)
             if not 0 <= seed < 2**64:
                 raise ValueError(f"seed must be in [0, 2**64), got {self.seed!r}")
             set_(self, "seed", seed)
@@ -125,7 +104,7 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
         if self.logprobs is not None:
-            logprobs = _require_int("logprobs", self.logprobs)
+            logprobs = require_int("logprobs", self.logprobs)
             if not 0 <= logprobs <= MAX_LOGPROBS:
                 raise ValueError(
                     f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}"
@@ -154,7 +133,7 @@ class SamplingParams:
         if not isinstance(ids, (list, tuple)):
             raise ValueError(f"stop_token_ids must be a list of int, got {ids!r}")
         for item in ids:
-            if not _is_int(item):
+            if not is_int(item):
                 raise ValueError(f"stop_token_ids must contain only ints, got {item!r}")
             if item < 0:
                 raise ValueError(f"stop_token_ids must be >= 0, got {item!r}")

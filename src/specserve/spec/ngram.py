@@ -21,21 +21,12 @@ Complexity, with ``W = max_ngram - min_ngram + 1`` window sizes:
 
 from __future__ import annotations
 
-import numbers
-from typing import Any, Sequence as Seq
+from typing import Sequence as Seq
 
 from specserve.spec.base import DraftProposal, SequenceView
+from specserve.validation import require_int
 
 __all__ = ["NgramDrafter"]
-
-
-def _require_int(name: str, value: Any, minimum: int) -> int:
-    """`value` as an int >= `minimum` (bool rejected); ValueError naming `name` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_budgets(seqs: Seq[SequenceView], budgets: Seq[int]) -> None:
@@ -88,13 +79,13 @@ class NgramDrafter:
     name = "ngram"
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1, num_spec_tokens: int = 8) -> None:
-        self.min_ngram = _require_int("min_ngram", min_ngram, 1)
-        self.max_ngram = _require_int("max_ngram", max_ngram, 1)
+        self.min_ngram = require_int("min_ngram", min_ngram, 1)
+        self.max_ngram = require_int("max_ngram", max_ngram, 1)
         if self.max_ngram < self.min_ngram:
             raise ValueError(
                 f"max_ngram must be >= min_ngram ({self.min_ngram}), got {max_ngram!r}"
             )
-        self.num_spec_tokens = _require_int("num_spec_tokens", num_spec_tokens, 1)
+        self.num_spec_tokens = require_int("num_spec_tokens", num_spec_tokens, 1)
         self._states: dict[str, _NgramState] = {}
 
     # ------------------------------------------------------------------ state

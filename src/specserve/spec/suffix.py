@@ -64,35 +64,16 @@ phrase-heavy synthetic text.
 from __future__ import annotations
 
 import math
-import numbers
 from collections import deque
-from typing import Any, Sequence as Seq
+from typing import Sequence as Seq
 
 from specserve.spec.base import DraftProposal, SequenceView
+from specserve.validation import require_float, require_int
 
 __all__ = ["SuffixDrafter"]
 
 #: After an eviction the global history holds at most this fraction of its bound.
 _GLOBAL_LOW_WATER = 0.75
-
-
-def _require_int(name: str, value: Any, minimum: int) -> int:
-    """`value` as an int >= `minimum` (bool rejected); ValueError naming `name` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _require_float(name: str, value: Any) -> float:
-    """`value` as a finite float (bool/str rejected); ValueError naming `name` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return out
 
 
 class _Node:
@@ -365,20 +346,20 @@ class SuffixDrafter:
         max_global_tokens: int = 200_000,
         global_include_prompts: bool = False,
     ) -> None:
-        self.max_depth = _require_int("max_depth", max_depth, 2)
-        self.num_spec_tokens = _require_int("num_spec_tokens", num_spec_tokens, 1)
-        self.alpha = _require_float("alpha", alpha)
+        self.max_depth = require_int("max_depth", max_depth, 2)
+        self.num_spec_tokens = require_int("num_spec_tokens", num_spec_tokens, 1)
+        self.alpha = require_float("alpha", alpha)
         if self.alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {alpha!r}")
-        self.min_token_prob = _require_float("min_token_prob", min_token_prob)
+        self.min_token_prob = require_float("min_token_prob", min_token_prob)
         if not 0.0 <= self.min_token_prob <= 1.0:
             raise ValueError(f"min_token_prob must be in [0, 1], got {min_token_prob!r}")
-        self.min_match = _require_int("min_match", min_match, 1)
+        self.min_match = require_int("min_match", min_match, 1)
         if self.min_match >= self.max_depth:
             raise ValueError(
                 f"min_match must be < max_depth ({self.max_depth}), got {min_match!r}"
             )
-        self.max_global_tokens = _require_int("max_global_tokens", max_global_tokens, 0)
+        self.max_global_tokens = require_int("max_global_tokens", max_global_tokens, 0)
         if not isinstance(global_include_prompts, bool):
             raise ValueError(
                 f"global_include_prompts must be a bool, got {global_include_prompts!r}"
