@@ -373,6 +373,15 @@ def process_batch(
     prompt_mask: torch.Tensor | None = None,  # [N, V] or [1, V]
 ) -> ProcessedLogits:
     """Penalties then :func:`logits_to_probs` for a mixed batch."""
+    return _penalise_then_warp(logits, params, output_counts, prompt_mask)
+
+
+def _penalise_then_warp(
+    logits: torch.Tensor,  # [N, V]
+    params: SamplingParams | SamplingTensors,  # scalars, or [N] per field
+    output_counts: torch.Tensor | None,
+    prompt_mask: torch.Tensor | None,
+) -> ProcessedLogits:
     penalised = apply_penalties(
         logits,
         output_counts,
@@ -410,15 +419,4 @@ def process(
         build_token_counts(output_tokens, v, dev) if needs_out and output_tokens else None
     )
     prompt_mask = build_token_mask(prompt_tokens, v, dev) if needs_rep and prompt_tokens else None
-    penalised = apply_penalties(
-        logits,
-        output_counts,
-        prompt_mask,
-        params.repetition_penalty,
-        params.presence_penalty,
-        params.frequency_penalty,
-    )
-    probs = logits_to_probs(
-        penalised, params.temperature, params.top_k, params.top_p, params.min_p
-    )
-    return ProcessedLogits(penalised, probs)
+    return _penalise_then_warp(logits, params, output_counts, prompt_mask)
