@@ -9,6 +9,7 @@ between its top-2 logprobs is the top-2 logit margin.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,8 @@ class Divergence:
         return f"diverges at token {self.index}, top-2 logit margin {margin} ({kind}, tolerance {self.tolerance:g})"
 
 
-def first_divergence(reference: list[int], candidate: list[int]) -> int | None:
+def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int | None:
+    """The first index where the two differ (a length difference counts), None when equal."""
     for i, (a, b) in enumerate(zip(reference, candidate)):
         if a != b:
             return i

@@ -15,6 +15,7 @@ from typing import IO, Any, Protocol
 import torch
 
 from specserve.bench.workload import Question, filter_categories, load_questions, select_per_category
+from specserve.equivalence import first_divergence  # noqa: F401  (re-exported for the benches)
 
 
 @dataclass
@@ -97,14 +98,6 @@ def tokens_per_s(records: Iterable[TimedRecord]) -> float:
     records = list(records)
     wall = sum(r.wall_s for r in records)
     return sum(r.new_tokens for r in records) / wall if wall > 0 else float("nan")
-
-
-def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
-    """The first index where `a` and `b` differ (a length difference counts), None when equal."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 # ---------------------------------------------------------------- output
