@@ -20,6 +20,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def questions_file():
+    """The Spec-Bench questions file (the test is skipped where it cannot be found)."""
+    from specserve.bench.workload import find_questions_file
+
+    try:
+        return find_questions_file()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
 def gguf_path() -> str:
     return default_model_path()
 

@@ -198,12 +198,6 @@ def test_generate_chat_seeded_is_reproducible():
 # ---------------------------------------------------------------- bench workload
 
 
-@pytest.fixture(scope="module")
-def questions_file() -> Path:
-    try:
-        return find_questions_file()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
 
 
 def test_workload_first_n_of_every_category(questions_file):

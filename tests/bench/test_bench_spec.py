@@ -24,7 +24,7 @@ from specserve.bench.spec import (
     position_acceptance,
     speedup,
 )
-from specserve.bench.workload import QUESTIONS_ENV, Question, filter_categories, find_questions_file
+from specserve.bench.workload import QUESTIONS_ENV, Question, filter_categories
 
 TIMEOUT = 600  # the shared 2-core machines can be very slow under load
 
@@ -130,12 +130,6 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=cwd)
 
 
-@pytest.fixture(scope="module")
-def questions_file() -> Path:
-    try:
-        return find_questions_file()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.mark.parametrize(

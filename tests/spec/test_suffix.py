@@ -7,21 +7,10 @@ from collections import Counter
 
 import pytest
 
-from specserve.sampling.params import SamplingParams
-from specserve.spec.base import DraftProposal, SequenceView
+from tests.spec.views import view
+from specserve.spec.base import DraftProposal
 from specserve.spec.suffix import SuffixDrafter, _Trie
 
-_PARAMS = SamplingParams()
-
-
-def view(request_id: str, tokens: list[int], num_prompt_tokens: int = 0) -> SequenceView:
-    return SequenceView(
-        request_id=request_id,
-        token_ids=tokens,
-        num_prompt_tokens=num_prompt_tokens,
-        params=_PARAMS,
-        slot=0,
-    )
 
 
 def propose1(
