@@ -73,5 +73,9 @@ class KVCache:
             raise KVCacheFull(f"length {length} exceeds the KV limit {self.max_len}")
         self.lengths[slot] = length
 
+    def usage(self) -> float:
+        """Share of the KV capacity held by sequences (0..1)."""
+        return 1.0 - self.num_free / self.num_slots
+
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

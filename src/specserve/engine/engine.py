@@ -105,6 +105,14 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def stats(self) -> dict[str, float | int]:
+        """Load gauges: running and waiting requests, KV cache usage (0..1)."""
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "kv_usage": self.cache.usage(),
+        }
+
     # ------------------------------------------------------------------ the step
 
     def _admit(self) -> None:
