@@ -1,4 +1,4 @@
-"""Command line: `specserve generate | info | bench plain | bench spec`.
+"""Command line: `specserve generate | info | serve | make-draft | bench plain | bench spec | bench serve`.
 
 Bad input ends with one `error:` line naming the flag and exit code 2, never a traceback.
 """
@@ -197,6 +197,7 @@ def build_parser() -> ArgumentParser:
     add("--no-adaptive-spec", dest="adaptive_spec", action="store_false", help="fixed draft length K")
     add("--out", default="bench_out", metavar="DIR", help="where raw JSONL and the report go (default: bench_out/)")
     bs.set_defaults(func=cmd_bench_spec, parser=bs)
+    _add_serve_commands(commands, kinds)
     return parser
 
 
@@ -447,6 +448,178 @@ def cmd_bench_spec(parser: ArgumentParser, args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         parser.error(_one_line(exc))
     return 0
+
+
+# ---------------------------------------------------------------- serve, bench serve
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _add_serve_commands(commands, kinds) -> None:
+    s = commands.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics (Prometheus). "
+        "Binds 127.0.0.1 unless --host says otherwise; answers 503 while the model loads. SIGINT/SIGTERM drain: "
+        "requests in flight finish (up to --shutdown-timeout), new ones get 503.",
+    )
+    _model_options(s, "weights and compute dtype")
+    add = s.add_argument
+    add("--spec", metavar="METHOD", help="speculative decoding: ngram, suffix, draft-model:PATH or layer-skip[:L,...]")
+    add("--num-spec-tokens", type=_spec_tokens, metavar="N", help="most draft tokens per step, in [1, 32]")
+    add("--no-adaptive-spec", dest="adaptive_spec", action="store_false", help="always draft --num-spec-tokens tokens")
+    add("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    add("--port", type=_port, default=8000, help="TCP port (default: 8000)")
+    add("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/* (default: $SPECSERVE_API_KEY, else none)")
+    add("--served-model-name", metavar="NAME", help="the model id clients send (default: the model file's name)")
+    add("--max-num-seqs", type=_count(1), default=8, metavar="N", help="sequences decoded together (default: 8)")
+    add("--max-model-len", type=_count(16), metavar="N", help="context limit per sequence (default: the model's, at most 4096)")
+    add("--max-queue", type=_count(0), default=256, metavar="N", help="sequences that may wait beyond the batch before 429 (default: 256)")
+    add("--max-tokens-limit", type=_count(1), metavar="N", help="largest max_tokens a request may ask for (default: the context limit)")
+    add("--max-request-bytes", type=_count(1024), default=1 << 20, metavar="B", help="largest request body (default: 1 MiB)")
+    add("--shutdown-timeout", type=_seconds, default=30.0, metavar="S", help="on shutdown, seconds to let requests finish (default: 30)")
+    add("--log-level", choices=("debug", "info", "warning", "error"), default="info", help="default: info")
+    s.set_defaults(func=cmd_serve, parser=s)
+
+    b = kinds.add_parser(
+        "serve",
+        help="load test of the HTTP server, speculation off vs. on",
+        description="Starts `specserve serve` on loopback once per configuration (plain, then --spec), sends "
+        "--concurrency concurrent streaming chat requests (greedy, Spec-Bench first turns) until --requests or "
+        "--duration is reached (both split evenly between the configurations), and checks every streamed answer "
+        "against the same server's non-streamed answer for the same prompt (token ids and text; a divergence "
+        "counts only when it is a numerical near-tie the runner-up token explains). Reports errors, lost or "
+        "duplicated tokens, p50/p99 TTFT and inter-token latency, tokens/s and acceptance length; writes raw "
+        "per-request JSONL and the Markdown report to --out.",
+    )
+    _model_options(b, "weights and compute dtype of the server", device=False)
+    add = b.add_argument
+    add("--spec", default="ngram", metavar="METHOD", help="the speculative configuration (default: ngram)")
+    add("--num-spec-tokens", type=_spec_tokens, metavar="N", help="most draft tokens per step, in [1, 32]")
+    add("--requests", type=_count(1), default=2000, metavar="N", help="most streamed requests in all (default: 2000)")
+    add("--duration", type=_seconds, default=300.0, metavar="S", help="most seconds of traffic in all (default: 300)")
+    add("--concurrency", type=_count(1), default=64, metavar="C", help="concurrent streaming clients (default: 64)")
+    add("--max-tokens", type=_count(1), default=64, metavar="N", help="max_tokens per request (default: 64)")
+    add("--max-num-seqs", type=_count(1), default=16, metavar="N", help="the servers' batch size (default: 16)")
+    add("--max-model-len", type=_count(16), default=2048, metavar="N", help="the servers' context limit (default: 2048)")
+    add("--n-per-category", type=_count(1), default=2, metavar="N", help="Spec-Bench questions per category (default: 2)")
+    add("--categories", metavar="LIST", help="comma-separated Spec-Bench categories (default: all)")
+    add("--out", default="bench_out", metavar="DIR", help="where raw JSONL, server logs and the report go (default: bench_out/)")
+    b.set_defaults(func=cmd_bench_serve, parser=b)
+
+
+def cmd_serve(parser: ArgumentParser, args: argparse.Namespace) -> int:
+    import socket
+
+    if args.model is not None and not os.path.exists(args.model):
+        parser.error(f"--model: path does not exist: {args.model}")
+    _check_spec(parser, args.spec)
+    if args.spec is None and (args.num_spec_tokens is not None or not args.adaptive_spec):
+        parser.error("--num-spec-tokens and --no-adaptive-spec need --spec")
+    if args.max_tokens_limit is not None and args.max_model_len is not None and args.max_tokens_limit >= args.max_model_len:
+        parser.error(f"--max-tokens-limit must be < --max-model-len ({args.max_model_len}), got {args.max_tokens_limit}")
+    from specserve.api import LLM, resolve_device
+    from specserve.server.app import ServerConfig, served_model_name
+    from specserve.server.launch import run_server
+
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(f"--device: {exc}")
+    try:
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((args.host, args.port))
+    except (OSError, UnicodeError) as exc:
+        parser.error(f"--port: cannot bind {args.host}:{args.port}: {_one_line(exc)}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("SPECSERVE_API_KEY") or None
+    if api_key is not None and not api_key.strip():
+        parser.error("--api-key: must not be empty")
+    try:
+        config = ServerConfig(
+            model_name=args.served_model_name or served_model_name(args.model),
+            api_key=api_key,
+            max_queue=args.max_queue,
+            max_request_bytes=args.max_request_bytes,
+            max_tokens_limit=args.max_tokens_limit,
+            shutdown_timeout=args.shutdown_timeout,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    def load():
+        llm = LLM(
+            args.model,
+            dtype=args.dtype,
+            device=args.device,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            spec=args.spec,
+            num_spec_tokens=args.num_spec_tokens,
+            adaptive_spec=args.adaptive_spec,
+        )
+        warm = llm.encode("Hello") if llm.tokenizer is not None else [0]
+        llm.generate([warm or [0]], SamplingParams(max_tokens=2))  # first forwards pack weights: not on a request
+        spec = "off" if llm.spec is None else f"{llm.spec} (num_spec_tokens {llm.num_spec_tokens})"
+        print(
+            f"specserve: serving {config.model_name} on http://{args.host}:{args.port} "
+            f"(dtype {llm.info()['dtype']}, max_num_seqs {llm.max_num_seqs}, max_model_len {llm.max_model_len}, spec {spec})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return llm
+
+    return run_server(load, config, args.host, args.port, args.log_level)
+
+
+def cmd_bench_serve(parser: ArgumentParser, args: argparse.Namespace) -> int:
+    if args.model is not None and not os.path.exists(args.model):
+        parser.error(f"--model: path does not exist: {args.model}")
+    _check_spec(parser, args.spec)
+    if args.categories is not None and not _split(args.categories):
+        parser.error("--categories: give at least one category")
+    if args.max_tokens >= args.max_model_len:
+        parser.error(f"--max-tokens must be < --max-model-len ({args.max_model_len}), got {args.max_tokens}")
+    from specserve.bench.serve import run_serve_bench
+
+    try:
+        report = run_serve_bench(
+            model=args.model,
+            dtype=args.dtype,
+            spec=args.spec,
+            num_spec_tokens=args.num_spec_tokens,
+            requests=args.requests,
+            duration=args.duration,
+            concurrency=args.concurrency,
+            max_tokens=args.max_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+            n_per_category=args.n_per_category,
+            categories=_split(args.categories),
+            out_dir=args.out,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        parser.error(_one_line(exc))
+    return 0 if report["ok"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
