@@ -116,9 +116,7 @@ class AsyncEngine:
         self._cond = threading.Condition()  # guards _commands, _stopping
         self._commands: deque[tuple[Any, ...]] = deque()
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
-        self._streams: dict[
-            str, RequestStream
-        ] = {}  # event loop only: requests not yet finished
+        self._streams: dict[str, RequestStream] = {}  # event loop only: requests not yet finished
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -134,9 +132,7 @@ class AsyncEngine:
         if self._thread is not None:
             raise RuntimeError("the engine thread is already running")
         self._loop = loop if loop is not None else asyncio.get_running_loop()
-        self._thread = threading.Thread(
-            target=self._run, name="specserve-engine", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="specserve-engine", daemon=True)
         self._thread.start()
 
     @property
@@ -171,18 +167,14 @@ class AsyncEngine:
             self._stopping = True
             self._cond.notify()
         if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                None, self._thread.join, 10.0
-            )
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
         for stream in list(self._streams.values()):
             stream._put(EngineStoppedError("the server is shutting down"))
         self._streams.clear()
 
     # ------------------------------------------------------------------ requests
 
-    async def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
-    ) -> RequestStream:
+    async def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         """Queue a request; returns its output stream.
 
         Raises the engine's `ValueError` for a prompt it refuses (empty, too long, bad ids).
@@ -203,9 +195,7 @@ class AsyncEngine:
         except BaseException:
             self._streams.pop(request_id, None)
             if not added.done() or added.cancelled():
-                self.abort(
-                    request_id
-                )  # cancelled while waiting: the add may still land
+                self.abort(request_id)  # cancelled while waiting: the add may still land
             raise
         return stream
 
@@ -224,9 +214,7 @@ class AsyncEngine:
         try:
             while True:
                 with self._cond:
-                    while (
-                        not self._commands and not self._stopping and not self._busy()
-                    ):
+                    while not self._commands and not self._stopping and not self._busy():
                         self._cond.wait()
                     if self._stopping and not self._commands:
                         break
@@ -240,21 +228,13 @@ class AsyncEngine:
                         self.steps += 1
                     except Exception as exc:
                         logger.exception("engine step failed")
-                        self._fail_all(
-                            EngineError(
-                                f"engine step failed: {type(exc).__name__}: {exc}"
-                            )
-                        )
+                        self._fail_all(EngineError(f"engine step failed: {type(exc).__name__}: {exc}"))
                 self._publish()
                 self._stats = dict(self.engine.stats())
         except BaseException as exc:
             logger.exception("engine thread crashed")
             self.dead = exc
-            self._fail_all(
-                EngineDeadError(
-                    f"the engine thread crashed: {type(exc).__name__}: {exc}"
-                )
-            )
+            self._fail_all(EngineDeadError(f"the engine thread crashed: {type(exc).__name__}: {exc}"))
         finally:
             self._stopped.set()
 
@@ -277,9 +257,7 @@ class AsyncEngine:
                 logger.exception("add_request failed")
                 self._resolve(
                     added,
-                    EngineError(
-                        f"could not add the request: {type(exc).__name__}: {exc}"
-                    ),
+                    EngineError(f"could not add the request: {type(exc).__name__}: {exc}"),
                 )
                 return
             self._tracked[request_id] = _Tracked(seq, stream)
@@ -292,13 +270,9 @@ class AsyncEngine:
                 except Exception as exc:
                     logger.exception("abort failed")
                     self.dead = exc
-                    self._fail_all(
-                        EngineDeadError(f"the engine failed to abort a request: {exc}")
-                    )
+                    self._fail_all(EngineDeadError(f"the engine failed to abort a request: {exc}"))
 
-    def _resolve(
-        self, future: asyncio.Future[None], error: BaseException | None
-    ) -> None:
+    def _resolve(self, future: asyncio.Future[None], error: BaseException | None) -> None:
         def settle() -> None:
             if future.done():
                 return
@@ -336,9 +310,7 @@ class AsyncEngine:
                 self.engine.requests.pop(request_id, None)
             self._deliver(tr.stream, out)
 
-    def _deliver(
-        self, stream: RequestStream, item: StreamOutput | BaseException
-    ) -> None:
+    def _deliver(self, stream: RequestStream, item: StreamOutput | BaseException) -> None:
         def put() -> None:
             stream._put(item)
             done = isinstance(item, BaseException) or item.finished

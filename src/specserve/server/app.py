@@ -85,13 +85,9 @@ class ServerConfig:
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.max_request_bytes < 1024:
-            raise ValueError(
-                f"max_request_bytes must be >= 1024, got {self.max_request_bytes}"
-            )
+            raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
-            raise ValueError(
-                f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}"
-            )
+            raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
 
 
 @dataclass
@@ -119,11 +115,7 @@ class ServerState:
     def token_str(self, token_id: int) -> str:
         text = self.token_text.get(token_id)
         if text is None:
-            text = (
-                self.llm.tokenizer.decode([token_id])
-                if self.llm.tokenizer is not None
-                else ""
-            )
+            text = self.llm.tokenizer.decode([token_id]) if self.llm.tokenizer is not None else ""
             self.token_text[token_id] = text
         return text
 
@@ -185,9 +177,7 @@ def create_app(
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(
-        request: Request, exc: StarletteHTTPException
-    ) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 405:
@@ -205,9 +195,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(
-            APIError(500, f"internal server error ({type(exc).__name__})")
-        )
+        return error_response(APIError(500, f"internal server error ({type(exc).__name__})"))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -266,9 +254,7 @@ def create_app(
         req = parse(ChatCompletionRequest, body)
         check_model(state, req.model)
         if req.top_logprobs is not None and not req.logprobs:
-            raise APIError(
-                400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs"
-            )
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         if (
             req.max_tokens is not None
             and req.max_completion_tokens is not None
@@ -279,21 +265,12 @@ def create_app(
                 "give 'max_completion_tokens' or 'max_tokens', not two different values",
                 param="max_tokens",
             )
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in req.messages
-        ]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         prompt_ids = await asyncio.to_thread(render_chat, state.llm, messages)
-        requested = (
-            req.max_completion_tokens
-            if req.max_completion_tokens is not None
-            else req.max_tokens
-        )
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = resolve_max_tokens(state, requested, len(prompt_ids), None)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return await generate(
-            state, request, "chat", req, [prompt_ids], [max_tokens], logprobs, arrival
-        )
+        return await generate(state, request, "chat", req, [prompt_ids], [max_tokens], logprobs, arrival)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -304,10 +281,7 @@ def create_app(
         check_model(state, req.model)
         prompts = await asyncio.to_thread(encode_prompts, state.llm, req.prompt)
         max_tokens = [
-            resolve_max_tokens(
-                state, req.max_tokens, len(p), COMPLETIONS_DEFAULT_MAX_TOKENS
-            )
-            for p in prompts
+            resolve_max_tokens(state, req.max_tokens, len(p), COMPLETIONS_DEFAULT_MAX_TOKENS) for p in prompts
         ]
         return await generate(
             state,
@@ -348,9 +322,7 @@ class Gate:
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
-        route = next(
-            (r for r in self.ROUTES if path == r or path.startswith(r + "/")), "other"
-        )
+        route = next((r for r in self.ROUTES if path == r or path.startswith(r + "/")), "other")
         status: list[int] = []
 
         async def counted_send(message: Message) -> None:
@@ -365,9 +337,7 @@ class Gate:
             else:
                 await self.app(scope, receive, counted_send)
         finally:
-            self.state.metrics.http_requests.labels(
-                route, str(status[0] if status else 0)
-            ).inc()
+            self.state.metrics.http_requests.labels(route, str(status[0] if status else 0)).inc()
 
     def _refusal(self, scope: Scope, path: str) -> APIError | None:
         if not (path == "/v1" or path.startswith("/v1/")):
@@ -390,13 +360,9 @@ class Gate:
                     f"the model failed to load: {st.load_error}",
                     code="load_failed",
                 )
-            return APIError(
-                503, "the model is still loading; retry shortly", code="starting"
-            )
+            return APIError(503, "the model is still loading; retry shortly", code="starting")
         if st.engine is not None and st.engine.dead is not None:
-            return APIError(
-                503, f"the engine failed: {st.engine.dead}", code="engine_dead"
-            )
+            return APIError(503, f"the engine failed: {st.engine.dead}", code="engine_dead")
         return None
 
 
@@ -411,9 +377,7 @@ def error_response(exc: APIError) -> JSONResponse:
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(
-            413, f"the request body is {declared} bytes; the limit is {limit}"
-        )
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -425,9 +389,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise APIError(
-            400, f"the request body is not valid JSON: {_one_line(exc)}"
-        ) from None
+        raise APIError(400, f"the request body is not valid JSON: {_one_line(exc)}") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     return body
@@ -465,9 +427,7 @@ def render_chat(llm: Any, messages: list[dict[str, str]]) -> list[int]:
         ) from None
 
 
-def encode_prompts(
-    llm: Any, prompt: str | list[str] | list[list[int]]
-) -> list[list[int]]:
+def encode_prompts(llm: Any, prompt: str | list[str] | list[list[int]]) -> list[list[int]]:
     items = [prompt] if isinstance(prompt, str) else prompt
     vocab = llm.config.vocab_size
     out = []
@@ -479,21 +439,15 @@ def encode_prompts(
                 raise APIError(400, _one_line(exc), param="prompt") from None
         else:
             if min(item) < 0 or max(item) >= vocab:
-                raise APIError(
-                    400, f"prompt token ids must lie in [0, {vocab})", param="prompt"
-                )
+                raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
             ids = item
         if not ids:
-            raise APIError(
-                400, "the prompt is empty: at least one token is needed", param="prompt"
-            )
+            raise APIError(400, "the prompt is empty: at least one token is needed", param="prompt")
         out.append(ids)
     return out
 
 
-def resolve_max_tokens(
-    state: ServerState, requested: int | None, prompt_len: int, default: int | None
-) -> int:
+def resolve_max_tokens(state: ServerState, requested: int | None, prompt_len: int, default: int | None) -> int:
     max_len = state.llm.max_model_len
     room = max_len - prompt_len
     if room < 1:
@@ -525,12 +479,8 @@ def resolve_max_tokens(
     return value if limit is None else min(value, limit)
 
 
-def sampling_params(
-    req: Any, max_tokens: int, logprobs: int | None, choice: int
-) -> SamplingParams:
-    seed = (
-        None if req.seed is None else req.seed + choice
-    )  # n > 1: distinct, reproducible choices
+def sampling_params(req: Any, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+    seed = None if req.seed is None else req.seed + choice  # n > 1: distinct, reproducible choices
     kwargs: dict[str, Any] = {
         "max_tokens": max_tokens,
         "temperature": 1.0 if req.temperature is None else req.temperature,
@@ -558,9 +508,7 @@ def sampling_params(
             param = "top_logprobs"
         if param == "seed" and req.seed is not None:
             message = f"seed must be in [0, 2**64 - {req.n}) (each of the n choices uses seed + index), got {req.seed}"
-        raise APIError(
-            400, message, param=param if param in type(req).model_fields else None
-        ) from None
+        raise APIError(400, message, param=param if param in type(req).model_fields else None) from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -582,9 +530,7 @@ class Choice:
     metrics: RequestMetrics | None = None
     first_time: float | None = None
     last_time: float | None = None
-    lp_chars: int = (
-        0  # characters of the token strings streamed in logprobs so far (text_offset)
-    )
+    lp_chars: int = 0  # characters of the token strings streamed in logprobs so far (text_offset)
 
 
 class Generation:
@@ -601,9 +547,7 @@ class Generation:
         self.streams: list[RequestStream] = []
         self.as_ids = bool(req.return_tokens_as_token_ids)
 
-    async def start(
-        self, prompts: list[list[int]], max_tokens: list[int], logprobs: int | None
-    ) -> None:
+    async def start(self, prompts: list[list[int]], max_tokens: list[int], logprobs: int | None) -> None:
         state, req = self.state, self.state.config
         engine = state.engine
         n = self.req.n
@@ -617,17 +561,12 @@ class Generation:
                 code="queue_full",
                 type_="rate_limit_error",
             )
-        params = [
-            [sampling_params(self.req, mt, logprobs, j) for j in range(n)]
-            for mt in max_tokens
-        ]
+        params = [[sampling_params(self.req, mt, logprobs, j) for j in range(n)] for mt in max_tokens]
         try:
             for p, ids in enumerate(prompts):
                 for j in range(n):
                     choice = Choice(p * n + j, f"{self.id}-{p * n + j}", len(ids))
-                    stream = await engine.add_request(
-                        choice.request_id, ids, params[p][j]
-                    )
+                    stream = await engine.add_request(choice.request_id, ids, params[p][j])
                     self.choices.append(choice)
                     self.streams.append(stream)
                     state.metrics.prompt_tokens.inc(len(ids))
@@ -714,9 +653,7 @@ class Generation:
     # ---------------------------------------------------------- response pieces
 
     def usage(self) -> dict[str, Any]:
-        prompt = sum(
-            c.prompt_tokens for i, c in enumerate(self.choices) if i % self.req.n == 0
-        )
+        prompt = sum(c.prompt_tokens for i, c in enumerate(self.choices) if i % self.req.n == 0)
         completion = sum(len(c.token_ids) for c in self.choices)
         ms = [c.metrics for c in self.choices if c.metrics is not None]
         fwd = sum(m.forward_passes for m in ms)
@@ -730,9 +667,7 @@ class Generation:
             "drafted_tokens": drafted,
             "accepted_tokens": accepted,
             "acceptance_rate": accepted / drafted if drafted else None,
-            "acceptance_length": sum(m.generated_tokens for m in ms) / fwd
-            if fwd
-            else None,
+            "acceptance_length": sum(m.generated_tokens for m in ms) / fwd if fwd else None,
             "drafted_per_position": _sum_lists([m.drafted_per_position for m in ms]),
             "accepted_per_position": _sum_lists([m.accepted_per_position for m in ms]),
         }
@@ -746,9 +681,7 @@ class Generation:
     def _token(self, token_id: int) -> str:
         return f"token_id:{token_id}" if self.as_ids else self.state.token_str(token_id)
 
-    def logprobs_json(
-        self, lps: list[TokenLogprob], text_offset: int = 0
-    ) -> dict[str, Any] | None:
+    def logprobs_json(self, lps: list[TokenLogprob], text_offset: int = 0) -> dict[str, Any] | None:
         if self.kind == "chat":
             content = []
             for lp in lps:
@@ -786,11 +719,7 @@ class Generation:
         }
 
     def wants_logprobs(self) -> bool:
-        return (
-            bool(self.req.logprobs)
-            if self.kind == "chat"
-            else self.req.logprobs is not None
-        )
+        return bool(self.req.logprobs) if self.kind == "chat" else self.req.logprobs is not None
 
     def final_body(self) -> dict[str, Any]:
         choices = []
@@ -823,14 +752,10 @@ class Generation:
             "usage": self.usage(),
         }
 
-    def chunk(
-        self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
+    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "id": self.id,
-            "object": "chat.completion.chunk"
-            if self.kind == "chat"
-            else "text_completion",
+            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
             "created": self.created,
             "model": self.state.config.model_name,
             "choices": choices,
@@ -910,9 +835,7 @@ class WatchedResponse(Response):
     """Runs `work(send)` while watching for the client's disconnect; aborts what is unfinished
     when the client goes away, the work fails, or the server cancels it."""
 
-    def __init__(
-        self, gen: Generation, work: Callable[[Send], Awaitable[None]]
-    ) -> None:
+    def __init__(self, gen: Generation, work: Callable[[Send], Awaitable[None]]) -> None:
         self.gen = gen
         self.work = work
         self.background = None
@@ -921,9 +844,7 @@ class WatchedResponse(Response):
         work = asyncio.create_task(self.work(send))
         watch = asyncio.create_task(_wait_disconnect(receive))
         try:
-            done, _ = await asyncio.wait(
-                {work, watch}, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
             if work in done:
                 exc = work.exception()
                 if exc is not None and not isinstance(exc, OSError):
@@ -966,11 +887,7 @@ async def send_complete(gen: Generation, send: Send) -> None:
 
 
 def _sse(obj: Any) -> bytes:
-    return (
-        b"data: "
-        + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-        + b"\n\n"
-    )
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 async def stream_sse(gen: Generation, send: Send) -> None:
@@ -1013,9 +930,7 @@ async def stream_sse(gen: Generation, send: Send) -> None:
     except EngineError as exc:
         code = 503 if isinstance(exc, (EngineDeadError, EngineStoppedError)) else 500
         await emit(APIError(code, _one_line(exc)).body())
-    await send(
-        {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False}
-    )
+    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
 
 def served_model_name(model_path: str | None) -> str:

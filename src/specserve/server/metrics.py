@@ -138,9 +138,7 @@ class ServerMetrics:
             "Prompt tokens of admitted sequences.",
             registry=r,
         )
-        self.generation_tokens = Counter(
-            "specserve_generation_tokens", "Generated tokens.", registry=r
-        )
+        self.generation_tokens = Counter("specserve_generation_tokens", "Generated tokens.", registry=r)
         self.ttft = Histogram(
             "specserve_time_to_first_token_seconds",
             "Time from the request's arrival to its first token.",
@@ -159,9 +157,7 @@ class ServerMetrics:
             registry=r,
             buckets=_LATENCY_BUCKETS,
         )
-        self.drafted = Counter(
-            "specserve_spec_drafted_tokens", "Draft tokens proposed.", registry=r
-        )
+        self.drafted = Counter("specserve_spec_drafted_tokens", "Draft tokens proposed.", registry=r)
         self.accepted = Counter(
             "specserve_spec_accepted_tokens",
             "Draft tokens accepted by the verifier.",

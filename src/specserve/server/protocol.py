@@ -174,9 +174,7 @@ class _SamplingFields(_Model):
     def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
         items = [v] if isinstance(v, str) else (v or [])
         if len(items) > MAX_STOP:
-            raise ValueError(
-                f"at most {MAX_STOP} stop strings are allowed, got {len(items)}"
-            )
+            raise ValueError(f"at most {MAX_STOP} stop strings are allowed, got {len(items)}")
         if any(not s for s in items):
             raise ValueError("stop strings must be non-empty")
         return v
@@ -253,11 +251,7 @@ def validation_error(exc: ValidationError) -> APIError:
     if not errors:
         return APIError(400, "invalid request")
     err = errors[0]
-    parts = [
-        str(p)
-        for p in err.get("loc", ())
-        if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))
-    ]
+    parts = [str(p) for p in err.get("loc", ()) if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))]
     param = ".".join(parts) or None
     if err.get("type") == "extra_forbidden":
         return APIError(
