@@ -39,14 +39,14 @@ def gguf_path() -> str:
 def llm_fp32():
     from specserve import LLM
 
-    return LLM(dtype="float32", device="cpu", max_num_seqs=8, max_model_len=2048)
+    return LLM(dtype="float32", device="cpu", max_num_seqs=16, max_model_len=2048)
 
 
 @pytest.fixture(scope="session")
 def llm_bf16():
     from specserve import LLM
 
-    return LLM(dtype="bfloat16", device="cpu", max_num_seqs=8, max_model_len=2048)
+    return LLM(dtype="bfloat16", device="cpu", max_num_seqs=16, max_model_len=2048)
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,8 @@ def run_chunks(model, cfg, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor
     pos, out = 0, []
     with torch.inference_mode():
         for n in chunks:
-            meta = build_attention_metadata([slot], [n], [pos], torch.device("cpu"), window)
+            cache.ensure(slot, pos + n)
+            meta = build_attention_metadata(cache, [slot], [n], [pos], torch.device("cpu"), window)
             hidden = model(ids[pos : pos + n], torch.arange(pos, pos + n), meta, cache)
             out.append(model.compute_logits(hidden))
             pos += n

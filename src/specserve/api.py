@@ -100,8 +100,12 @@ class LLM:
         dtype: "bfloat16" / "float32" (None: bf16 where the hardware has it).
         device: "cpu" / "cuda" (None: CUDA when present).
         max_model_len: context limit per sequence (prompt + output).
-        max_num_seqs: sequences decoded together (KV cache slots).
+        max_num_seqs: most sequences decoded together.
         max_num_batched_tokens: token budget of one forward (prefill is chunked by it).
+        kv_cache_tokens: KV memory budget in tokens, shared by all sequences in blocks
+            (default: room for every sequence at max_model_len, at most 32768 tokens but
+            never less than max_model_len). When it runs short, the newest sequences
+            are preempted and resumed later; prompts sharing a prefix share its blocks.
         spec: speculative decoding method: "ngram", "suffix", "draft-model:PATH",
             "layer-skip" (or "layer-skip:L1,L2,..."); None = plain decoding.
         num_spec_tokens: most draft tokens per step (default 8 for n-gram/suffix, 4 for
@@ -116,8 +120,9 @@ class LLM:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         max_model_len: int | None = None,
-        max_num_seqs: int = 8,
+        max_num_seqs: int = 16,
         max_num_batched_tokens: int = 512,
+        kv_cache_tokens: int | None = None,
         spec: str | None = None,
         num_spec_tokens: int | None = None,
         adaptive_spec: bool = True,
@@ -141,7 +146,15 @@ class LLM:
         # On the CPU, attention over an fp32 cache is faster than over bf16 (and more exact);
         # the cache is small next to the weights for the models this engine targets.
         self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        cache = KVCache(cfg.num_layers, max_num_seqs, limit, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype, self.device)
+        if kv_cache_tokens is None:
+            kv_cache_tokens = max(limit, min(max_num_seqs * limit, 32768))
+        if not isinstance(kv_cache_tokens, int) or kv_cache_tokens < limit:
+            raise ValueError(f"kv_cache_tokens must be an int >= max_model_len ({limit}), got {kv_cache_tokens!r}")
+        block = 16
+        cache = KVCache(
+            cfg.num_layers, max_num_seqs, limit, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype, self.device,
+            block_size=block, num_blocks=-(-kv_cache_tokens // block),
+        )
         self.max_num_seqs = max_num_seqs
         self.engine = Engine(ModelRunner(self.model, cache), self.tokenizer, max_num_batched_tokens)
         self.set_spec(spec, num_spec_tokens, adaptive_spec)
@@ -165,7 +178,8 @@ class LLM:
         runner = self.engine.runner
         drafter = make_drafter(spec, runner, self.tokenizer, num_spec_tokens, self.max_num_seqs)
         if adaptive:
-            policy: SpecPolicy = AdaptiveSpecPolicy(num_spec_tokens, self._forward_cost(num_spec_tokens + 1))
+            table = self._forward_cost(min(256, self.engine.max_num_batched_tokens))
+            policy: SpecPolicy = AdaptiveSpecPolicy(num_spec_tokens, table)
         else:
             policy = FixedSpecPolicy(num_spec_tokens)
         return SpecSetup(spec, num_spec_tokens, drafter, policy)

@@ -12,7 +12,7 @@ from collections import deque
 
 import torch
 
-from specserve.cache.kv_cache import KVCache
+from specserve.cache.kv_cache import KVCache, KVCacheFull
 from specserve.engine.runner import ForwardItem, ModelRunner
 from specserve.engine.sequence import Sequence, Status, TokenLogprob
 from specserve.sampling.logits import SamplingTensors, build_token_counts, build_token_mask, process_batch
@@ -116,28 +116,98 @@ class Engine:
     # ------------------------------------------------------------------ the step
 
     def _admit(self) -> None:
-        while self.waiting and self.cache.num_free:
-            seq = self.waiting.popleft()
-            seq.slot = self.cache.allocate()
+        """Move waiting sequences into the batch while slots and KV blocks allow.
+
+        A sequence's leading blocks are taken from the prefix cache where they match;
+        a preempted sequence comes back the same way (often with its own blocks still
+        cached). Admission keeps one free block per decoding sequence in reserve, so
+        new prompts do not push running sequences into preemption at once.
+        """
+        cache = self.cache
+        while self.waiting and cache.num_free:
+            seq = self.waiting[0]
+            slot = cache.allocate()
+            tokens = seq.all_ids
+            matched = cache.match_prefix(slot, tokens)
+            first_chunk = min(len(tokens) - matched, self.max_num_batched_tokens)
+            reserve = sum(1 for s in self.running if s.status is Status.DECODE)
+            if cache.blocks_needed(slot, matched + first_chunk) + reserve > cache.num_free_blocks and self.running:
+                cache.free(slot)  # matched blocks go back to the prefix cache
+                break
+            self.waiting.popleft()
+            seq.slot = slot
+            seq.num_cached = matched
             seq.status = Status.PREFILL
-            seq.metrics.first_scheduled_time = time.perf_counter()
+            seq.metrics.cached_tokens += matched
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = time.perf_counter()
             self.running.append(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Take a sequence out of the batch to free its KV blocks (recompute later).
+
+        Its full blocks stay in the prefix cache until the memory is needed, so it
+        usually comes back without recomputing much. Its tokens and RNG are kept.
+        """
+        self.cache.free(seq.slot)
+        seq.slot = None
+        seq.num_cached = 0
+        seq.status = Status.WAITING
+        seq.metrics.preemptions += 1
+        if self.drafter is not None:
+            self.drafter.release(seq.request_id)
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def _make_room(self, seq: Sequence, num_tokens: int, protected: list[Sequence]) -> bool:
+        """Blocks for `num_tokens` of `seq`, preempting the newest other sequences if needed.
+
+        False when nothing is left to preempt (the caller shrinks its request).
+        """
+        while not self.cache.ensure(seq.slot, num_tokens):
+            victims = [s for s in reversed(self.running) if s is not seq and s not in protected]
+            if not victims:
+                return False
+            self._preempt(victims[0])
+        return True
 
     def step(self) -> list[Sequence]:
         """Run one forward over the active batch; returns the sequences that progressed.
 
         Decoding sequences contribute their last token plus the drafter's proposal
-        (zero or more tokens each); sequences in prefill contribute a prompt chunk.
+        (zero or more tokens each); sequences in prefill (new, or back from preemption)
+        contribute a chunk of their tokens.
         """
+        step_start = time.perf_counter()
         self._admit()
         if not self.running:
             return []
         decoding = [s for s in self.running if s.status is Status.DECODE]
-        proposal = self._propose(decoding)
+        budgets = self._draft_budgets(decoding)
+        # KV blocks for every decode (oldest first): its token and drafts, else its token
+        # alone, else preempt newer sequences
+        kept: list[Sequence] = []
+        for seq, k in zip(decoding, budgets):
+            if seq.slot is None:
+                continue  # preempted for an older sequence
+            if not self.cache.ensure(seq.slot, seq.num_cached + 1 + k) and not self._make_room(
+                seq, seq.num_cached + 1, kept
+            ):
+                raise KVCacheFull("the KV cache cannot hold one sequence")  # capacity >= max_len prevents this
+            kept.append(seq)
+        keep = {id(s) for s in kept}
+        budgets = [
+            min(k, len(self.cache.tables[s.slot]) * self.cache.block_size - s.num_cached - 1)
+            for s, k in zip(decoding, budgets)
+            if id(s) in keep
+        ]
+        decoding = kept
+        proposal = self._propose(decoding, budgets)
         drafts = proposal.token_ids
         items: list[ForwardItem] = []
         sampled: list[Sequence] = []  # sequences that get tokens from this forward, in row order
         sampled_drafts: list[list[int]] = []
+        chunks: list[tuple[Sequence, int]] = []  # prefill chunks that do not finish
         budget = self.max_num_batched_tokens
         for seq, d in zip(decoding, drafts):
             items.append(ForwardItem(seq.slot, seq.num_cached, [seq.last_token, *d], logits_from=0))
@@ -145,29 +215,44 @@ class Engine:
             sampled_drafts.append(d)
             budget -= 1 + len(d)
         for seq in self.running:
-            if seq.status is Status.PREFILL and budget > 0:
-                chunk = seq.prompt_ids[seq.num_cached : seq.num_cached + budget]
-                done = seq.num_cached + len(chunk) == len(seq.prompt_ids)
-                items.append(ForwardItem(seq.slot, seq.num_cached, chunk, logits_from=-1 if done else None))
-                budget -= len(chunk)
-                if done:
-                    sampled.append(seq)
-                    sampled_drafts.append([])
-                else:
-                    seq.num_cached += len(chunk)
-                    self.cache.commit(seq.slot, seq.num_cached)
+            if seq.status is not Status.PREFILL or budget <= 0:
+                continue
+            total = seq.num_tokens
+            room = (len(self.cache.tables[seq.slot]) + self.cache.num_free_blocks) * self.cache.block_size
+            n = min(budget, total - seq.num_cached, room - seq.num_cached)
+            if n <= 0 or not self.cache.ensure(seq.slot, seq.num_cached + n):
+                continue
+            done = seq.num_cached + n == total
+            chunk = seq.all_ids[seq.num_cached : seq.num_cached + n]
+            items.append(ForwardItem(seq.slot, seq.num_cached, chunk, logits_from=-1 if done else None))
+            budget -= n
+            if done:
+                sampled.append(seq)
+                sampled_drafts.append([])
+            else:
+                chunks.append((seq, n))
+        if not items:
+            # every sequence is a prefill waiting for blocks the others hold: let the
+            # oldest go on by preempting the newest
+            if len(self.running) > 1:
+                self._preempt(self.running[-1])
+            return []
         t0 = time.perf_counter()
         logits, _ = self.runner.forward(items)
         draft_probs = proposal.probs + [None] * (len(sampled) - len(decoding))
         emitted = self._verify(sampled, sampled_drafts, draft_probs, logits)
         verify_time = time.perf_counter() - t0
         now = time.perf_counter()
+        for seq, n in chunks:
+            seq.num_cached += n
+            self.cache.commit(seq.slot, seq.num_cached, seq.all_ids)
         for seq, d, tokens in zip(sampled, sampled_drafts, emitted):
             n_acc = len(tokens) - 1
             if seq.status is Status.PREFILL:
-                seq.num_cached = len(seq.prompt_ids)
+                seq.num_cached = seq.num_tokens
                 seq.status = Status.DECODE
-                seq.metrics.first_token_time = now
+                if seq.metrics.first_token_time is None:
+                    seq.metrics.first_token_time = now
             else:
                 seq.num_cached += 1 + n_acc  # the fed token and the accepted drafts; the rest rolls back
                 m = seq.metrics
@@ -179,6 +264,8 @@ class Engine:
             self.cache.commit(seq.slot, seq.num_cached)
             seq.metrics.forward_passes += 1
             self.append_tokens(seq, tokens)
+            if seq.slot is not None:
+                self.cache.commit(seq.slot, seq.num_cached, seq.all_ids)  # full blocks join the prefix cache
         if self.drafter is not None:
             # finished sequences were already released by the drafter and the policy
             live = [(s, d, t) for s, d, t in zip(decoding, drafts, emitted) if not s.finished]
@@ -186,23 +273,35 @@ class Engine:
                 self.drafter.observe([self._view(s) for s, _, _ in live], [len(t) - 1 for _, _, t in live])
             for seq, d, tokens in live:
                 self.policy.update(seq.request_id, len(d), len(tokens) - 1)
+        self.policy.observe_step(len(items), sum(len(it.token_ids) for it in items), time.perf_counter() - step_start)
         return sampled
 
     def _view(self, seq: Sequence) -> SequenceView:
         return SequenceView(seq.request_id, seq.all_ids, len(seq.prompt_ids), seq.params, seq.slot, seq.generator)
 
-    def _propose(self, decoding: list[Sequence]) -> DraftProposal:
-        """Draft tokens per decoding sequence (empty chains without a drafter)."""
+    def _draft_budgets(self, decoding: list[Sequence]) -> list[int]:
+        """Most draft tokens per decoding sequence this step (the policy's plan, capped)."""
         if self.drafter is None or not decoding:
-            return DraftProposal([[] for _ in decoding])
+            return [0] * len(decoding)
+        prefill = sum(s.num_tokens - s.num_cached for s in self.running if s.status is Status.PREFILL)
+        other = len(decoding) + min(prefill, self.max_num_batched_tokens)
+        plan = self.policy.budgets([s.request_id for s in decoding], other)
+        token_room = self.max_num_batched_tokens - len(decoding)
         budgets = []
-        for seq in decoding:
+        for seq, k in zip(decoding, plan):
             room = min(
                 self.cache.max_len - seq.num_tokens - 1,  # KV room for the drafts
                 seq.params.max_tokens - len(seq.output_ids) - 1,  # never draft past max_tokens
+                token_room,
             )
-            budgets.append(max(0, min(self.policy.budget(seq.request_id), room)))
-        if not any(budgets):
+            k = max(0, min(k, room))
+            token_room -= k
+            budgets.append(k)
+        return budgets
+
+    def _propose(self, decoding: list[Sequence], budgets: list[int]) -> DraftProposal:
+        """Draft tokens per decoding sequence (empty chains without a drafter)."""
+        if self.drafter is None or not any(budgets):
             return DraftProposal([[] for _ in decoding])
         t0 = time.perf_counter()
         proposal = self.drafter.propose([self._view(s) for s in decoding], budgets)

@@ -43,8 +43,8 @@ class ModelRunner:
         rows: list[int] = []
         for item in items:
             n = len(item.token_ids)
-            if item.cache_start + n > self.cache.max_len:
-                raise KVCacheFull(f"sequence needs {item.cache_start + n} KV positions, the limit is {self.cache.max_len}")
+            if not self.cache.ensure(item.slot, item.cache_start + n):
+                raise KVCacheFull(f"no free KV blocks for {item.cache_start + n} tokens of slot {item.slot}")
             base = len(ids)
             ids.extend(item.token_ids)
             positions.extend(item.positions if item.positions is not None else range(item.cache_start, item.cache_start + n))
@@ -52,6 +52,7 @@ class ModelRunner:
                 start = n - 1 if item.logits_from == -1 else item.logits_from
                 rows.extend(range(base + start, base + n))
         meta = build_attention_metadata(
+            self.cache,
             [it.slot for it in items],
             [len(it.token_ids) for it in items],
             [it.cache_start for it in items],

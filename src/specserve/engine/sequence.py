@@ -37,6 +37,8 @@ class RequestMetrics:
     drafted_per_position: list[int] = field(default_factory=list)
     draft_time: float = 0.0
     verify_time: float = 0.0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    preemptions: int = 0  # times the request left the batch to free KV memory
 
     @property
     def ttft(self) -> float | None:
@@ -79,6 +81,8 @@ class RequestMetrics:
             "drafted_per_position": list(self.drafted_per_position),
             "draft_time_s": self.draft_time,
             "verify_time_s": self.verify_time,
+            "cached_tokens": self.cached_tokens,
+            "preemptions": self.preemptions,
         }
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specserve.cache.kv_cache import KVCache
 from specserve.config import ModelConfig, RopeConfig
 
 
@@ -78,24 +79,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class AttentionMetadata:
     """Where the tokens of a flattened batch go.
 
-    Sequence i owns tokens `query_starts[i]:query_starts[i+1]` of the forward; they are
-    written to KV slot `slots[i]` from cache index `cache_starts[i]` on. `masks[i]` is the
-    boolean attention mask `[q_len, cache_start + q_len]` of a full-attention layer, or
-    None for plain causal attention; `sliding_masks[i]` the same for sliding layers.
+    Sequence i owns tokens `query_starts[i]:query_starts[i+1]` of the forward, which sit
+    at cache indices `cache_starts[i]` on. `write_index` `[T]` holds the KV pool index of
+    every token of the forward. `reads[i]` says where sequence i's cache entries
+    `0..cache_starts[i] + q_len - 1` lie in the pool: an int (they are consecutive from
+    there) or an index tensor to gather them. `masks[i]` is the boolean attention mask
+    `[q_len, cache_start + q_len]` of a full-attention layer, or None for plain causal
+    attention; `sliding_masks[i]` the same for sliding layers.
     """
 
-    slots: list[int]
     query_starts: list[int]  # len = num_seqs + 1
     cache_starts: list[int]
+    write_index: torch.Tensor
+    reads: list[int | torch.Tensor]
     masks: list[torch.Tensor | None]
     sliding_masks: list[torch.Tensor | None]
 
     @property
     def num_seqs(self) -> int:
-        return len(self.slots)
+        return len(self.cache_starts)
 
 
 def build_attention_metadata(
+    cache: KVCache,
     slots: list[int],
     query_lens: list[int],
     cache_starts: list[int],
@@ -103,8 +109,9 @@ def build_attention_metadata(
     sliding_window: int | None = None,
     tree_masks: list[torch.Tensor | None] | None = None,
 ) -> AttentionMetadata:
-    """Masks for chains (causal) and, where given, token trees.
+    """Pool addresses and masks for chains (causal) and, where given, token trees.
 
+    The slots must already own blocks for their new tokens (`KVCache.ensure`).
     `tree_masks[i]` is a boolean `[q_len, q_len]` mask among the new tokens of sequence i
     (ancestor-or-self); new tokens always see the whole cached prefix. Sliding layers
     additionally hide cache entries `window` or more tokens behind the query's index.
@@ -112,10 +119,20 @@ def build_attention_metadata(
     query_starts = [0]
     masks: list[torch.Tensor | None] = []
     sliding: list[torch.Tensor | None] = []
-    for i, (q_len, start) in enumerate(zip(query_lens, cache_starts)):
+    writes: list[int] = []
+    reads: list[int | torch.Tensor] = []
+    for i, (slot, q_len, start) in enumerate(zip(slots, query_lens, cache_starts)):
         query_starts.append(query_starts[-1] + q_len)
-        tree = tree_masks[i] if tree_masks is not None else None
         total = start + q_len
+        base = cache.contiguous_start(slot, total)
+        if base is not None:
+            writes.extend(range(base + start, base + total))
+            reads.append(base)
+        else:
+            index = cache.indices(slot, 0, total)
+            writes.extend(index[start:])
+            reads.append(torch.tensor(index, dtype=torch.long, device=device))
+        tree = tree_masks[i] if tree_masks is not None else None
         if tree is None and q_len == 1:
             mask = None  # one query sees everything cached
         elif tree is None and start == 0:
@@ -128,11 +145,12 @@ def build_attention_metadata(
         if sliding_window is not None and total > sliding_window:
             q_idx = torch.arange(start, total, device=device).unsqueeze(1)
             k_idx = torch.arange(total, device=device).unsqueeze(0)
-            base = mask if mask is not None else (k_idx <= q_idx)
-            sliding.append(base & (k_idx > q_idx - sliding_window))
+            base_mask = mask if mask is not None else (k_idx <= q_idx)
+            sliding.append(base_mask & (k_idx > q_idx - sliding_window))
         else:
             sliding.append(mask)
-    return AttentionMetadata(slots, query_starts, cache_starts, masks, sliding)
+    write_index = torch.tensor(writes, dtype=torch.long, device=device)
+    return AttentionMetadata(query_starts, list(cache_starts), write_index, reads, masks, sliding)
 
 
 class Attention(nn.Module):
@@ -179,31 +197,35 @@ class Attention(nn.Module):
         k: torch.Tensor,  # [Hkv, T, D]
         v: torch.Tensor,  # [Hkv, T, D]
         meta: AttentionMetadata,
-        k_cache: torch.Tensor,  # [S, Hkv, L, D]
-        v_cache: torch.Tensor,  # [S, Hkv, L, D]
+        k_cache: torch.Tensor,  # [Hkv, P, D] pool
+        v_cache: torch.Tensor,  # [Hkv, P, D] pool
     ) -> torch.Tensor:  # [T, Hq * D]
-        """Write the new K/V into each sequence's slot and attend over its cache.
+        """Write the new K/V of the whole batch into the pool, then attend per sequence.
 
         Kept out of `torch.compile` graphs: it loops over the sequences of the batch.
         """
         T = q.shape[1]
         out_dtype = q.dtype
         q = q.to(k_cache.dtype)  # the cache may keep a wider dtype than the weights
+        k_cache.index_copy_(1, meta.write_index, k.to(k_cache.dtype))
+        v_cache.index_copy_(1, meta.write_index, v.to(v_cache.dtype))
         masks = meta.sliding_masks if self.sliding else meta.masks
         outs = []
-        for i, slot in enumerate(meta.slots):
+        for i, read in enumerate(meta.reads):
             a, b = meta.query_starts[i], meta.query_starts[i + 1]
             start = meta.cache_starts[i]
             end = start + (b - a)
-            k_cache[slot, :, start:end] = k[:, a:b]
-            v_cache[slot, :, start:end] = v[:, a:b]
+            if isinstance(read, int):
+                keys, values = k_cache[:, read : read + end], v_cache[:, read : read + end]
+            else:
+                keys, values = k_cache.index_select(1, read), v_cache.index_select(1, read)
             mask = masks[i]
             causal = mask is None and start == 0 and b - a > 1
             outs.append(
                 F.scaled_dot_product_attention(
                     q[:, a:b].unsqueeze(0),
-                    k_cache[slot, :, :end].unsqueeze(0),
-                    v_cache[slot, :, :end].unsqueeze(0),
+                    keys.unsqueeze(0),
+                    values.unsqueeze(0),
                     attn_mask=mask,
                     is_causal=causal,
                     scale=self.scale,

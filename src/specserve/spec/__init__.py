@@ -81,7 +81,7 @@ def measure_forward_cost(runner: ModelRunner, max_tokens: int, context: int = 12
     probe = ModelRunner(model, scratch)
     slot = scratch.allocate()
     probe.forward([ForwardItem(slot, 0, [1] * context)])
-    sizes = sorted({1, 2, 4, max_tokens // 2 or 1, max_tokens})
+    sizes = sorted({1 << i for i in range(max_tokens.bit_length()) if 1 << i <= max_tokens} | {max_tokens})
     measured: dict[int, float] = {}
     for n in sizes:
         times = []

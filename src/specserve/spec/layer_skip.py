@@ -79,7 +79,8 @@ def calibrate_skip_set(runner: ModelRunner, ids: list[int], k: int = 4) -> list[
     cache = KVCache(n_layers, 1, len(ids) + 1, cfg.num_kv_heads, cfg.head_dim, runner.cache.k[0].dtype, device)
     slot = cache.allocate()
     window = cfg.sliding_window if any(cfg.sliding_layers) else None
-    meta = build_attention_metadata([slot], [len(ids)], [0], device, window)
+    cache.ensure(slot, len(ids))
+    meta = build_attention_metadata(cache, [slot], [len(ids)], [0], device, window)
     input_ids = torch.tensor(ids, device=device)
     positions = torch.arange(len(ids), device=device)
 

@@ -1,0 +1,266 @@
+"""`specserve bench throughput`: offline throughput under continuous batching.
+
+At each concurrency level, requests (Spec-Bench first turns, chat template, greedy)
+are kept `concurrency` in flight: a new one joins as soon as one finishes, so the batch
+stays full and requests join and leave at every step. Methods, measured side by side
+in one run on one loaded model:
+
+- `off`: plain decoding;
+- `<drafter>`: that drafter with a fixed draft length (`--num-spec-tokens`);
+- `<drafter>+load-aware`: the drafter with load-aware draft lengths (per step, the
+  lengths that maximise expected tokens per second from a measured forward cost model
+  and per-sequence acceptance estimates; zero when speculation would slow the batch).
+
+Throughput = generated tokens / wall time of the level (TTFT included). Every level of
+every method runs the same requests in the same order; each (level, method) pair runs
+`--repetitions` times and reports the median and the min. Greedy outputs are compared
+with the `off` run at the same level, so a method that changes outputs shows up in
+the report. Peak resident memory of the process is reported at the end.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import IO
+
+from tqdm import tqdm
+
+from specserve.bench.common import (
+    Prompt,
+    build_prompts,
+    check_fits,
+    header_table,
+    machine_info,
+    publish_report,
+    raw_jsonl_path,
+    select_questions,
+    write_record,
+)
+from specserve.equivalence import first_divergence
+from specserve.sampling.params import SamplingParams
+
+LEVELS = (1, 2, 4, 8, 16, 32)
+LOAD_AWARE = "+load-aware"
+
+
+@dataclass
+class ThroughputRecord:
+    """One request of one (method, concurrency, repetition) run."""
+
+    method: str
+    concurrency: int
+    repetition: int
+    prompt_id: str
+    category: str
+    prompt_tokens: int
+    new_tokens: int
+    ttft_s: float | None
+    latency_s: float | None
+    forward_passes: int
+    drafted_tokens: int
+    accepted_tokens: int
+    preemptions: int
+    token_ids: list[int]
+
+
+@dataclass
+class LevelResult:
+    method: str
+    concurrency: int
+    tokens_per_s: list[float]  # one per repetition
+    acceptance_length: float
+    identical: int  # requests whose tokens equal the `off` run's
+    requests: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.tokens_per_s)
+
+    @property
+    def min(self) -> float:
+        return min(self.tokens_per_s)
+
+
+def parse_levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--concurrency takes comma-separated ints, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise ValueError(f"--concurrency levels must be >= 1, got {text!r}")
+    return levels
+
+
+def parse_methods(text: str) -> list[str]:
+    from specserve.spec import SPEC_METHODS
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    for m in methods:
+        base = m.removesuffix(LOAD_AWARE)
+        if m != "off" and base.split(":")[0] not in {name.split(":")[0].split("[")[0] for name in SPEC_METHODS}:
+            raise ValueError(
+                f"--methods: unknown method {m!r}; use off, a drafter ({', '.join(SPEC_METHODS)}) "
+                f"or a drafter with {LOAD_AWARE}"
+            )
+    if "off" not in methods:
+        methods.insert(0, "off")
+    return methods
+
+
+def run_level(llm, prompts: Sequence[Prompt], params: SamplingParams, concurrency: int):
+    """Closed loop at `concurrency` in flight; returns (finished sequences in prompt order, wall s)."""
+    engine = llm.engine
+    pending = list(range(len(prompts)))
+    live: dict[int, object] = {}
+    done: dict[int, object] = {}
+    t0 = time.perf_counter()
+    while pending or live:
+        while pending and len(live) < concurrency:
+            i = pending.pop(0)
+            live[i] = engine.add_request(prompts[i].token_ids, params, request_id=f"tp-{concurrency}-{i}-{time.perf_counter_ns()}")
+        engine.step()
+        for i, seq in list(live.items()):
+            if seq.finished:
+                done[i] = live.pop(i)
+                engine.requests.pop(seq.request_id, None)
+    wall = time.perf_counter() - t0
+    return [done[i] for i in range(len(prompts))], wall
+
+
+def peak_rss_mib() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return usage / 1024 if sys.platform != "darwin" else usage / 2**20
+
+
+def run_throughput_bench(
+    model: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    methods: Sequence[str] = ("off", "ngram", "suffix", "ngram" + LOAD_AWARE, "suffix" + LOAD_AWARE),
+    levels: Sequence[int] = LEVELS,
+    requests_per_level: int | None = None,
+    max_tokens: int = 128,
+    num_spec_tokens: int = 8,
+    repetitions: int = 1,
+    questions_path: str | None = None,
+    out_dir: str = "bench_out",
+    stdout: IO[str] | None = None,
+) -> str:
+    from specserve.api import LLM
+
+    stdout = stdout or sys.stdout
+    max_level = max(levels)
+    llm = LLM(model=model, dtype=dtype, device=device, max_num_seqs=max_level, max_model_len=2048)
+    wanted = max(requests_per_level or 0, 2 * max_level)
+    per_category = -(-wanted // 13)
+    questions = select_questions(questions_path, per_category)
+    prompts = [p for p in build_prompts(llm, questions) if len(p.token_ids) <= 1024]
+    prompts = prompts[::max(1, len(prompts) // wanted)][:wanted]
+    check_fits(prompts, max_tokens, llm.max_model_len)
+    params = SamplingParams(max_tokens=max_tokens)
+    raw_path = raw_jsonl_path(out_dir, "throughput")
+    results: list[LevelResult] = []
+    started = time.perf_counter()
+    # warm-up: one short request per method kind, so start-up costs stay out of the figures
+    llm.generate([prompts[0].token_ids], SamplingParams(max_tokens=8))
+    with open(raw_path, "w", encoding="utf-8") as raw:
+        total = len(levels) * len(methods) * repetitions
+        bar = tqdm(total=total, desc="throughput", unit="run", file=sys.stderr, leave=False)
+        for level in levels:
+            n = max(requests_per_level or 0, 2 * level, 4)
+            level_prompts = prompts[:n]
+            reference: list[list[int]] | None = None
+            for method in methods:
+                spec = None if method == "off" else method.removesuffix(LOAD_AWARE)
+                llm.set_spec(spec, num_spec_tokens=None if spec is None else num_spec_tokens, adaptive=method.endswith(LOAD_AWARE))
+                rates, tokens_total, forwards_total = [], 0, 0
+                identical = 0
+                for rep in range(repetitions):
+                    seqs, wall = run_level(llm, level_prompts, params, level)
+                    new = sum(len(s.output_ids) for s in seqs)
+                    rates.append(new / wall)
+                    tokens_total += new
+                    forwards_total += sum(s.metrics.forward_passes for s in seqs)
+                    outs = [s.output_ids for s in seqs]
+                    if method == "off" and reference is None:
+                        reference = outs
+                    if rep == 0 and reference is not None:
+                        identical = sum(first_divergence(r, o) is None for r, o in zip(reference, outs))
+                    for p, s in zip(level_prompts, seqs):
+                        m = s.metrics
+                        write_record(
+                            raw,
+                            ThroughputRecord(
+                                method, level, rep, p.question.prompt_id, p.question.category, len(p.token_ids),
+                                len(s.output_ids), m.ttft, m.latency, m.forward_passes, m.drafted_tokens,
+                                m.accepted_tokens, m.preemptions, list(s.output_ids),
+                            ),
+                        )
+                    bar.update()
+                results.append(
+                    LevelResult(method, level, rates, tokens_total / max(forwards_total, 1), identical, len(level_prompts))
+                )
+        bar.close()
+        llm.set_spec(None)
+    report = format_report(llm, results, methods, levels, max_tokens, num_spec_tokens, repetitions, time.perf_counter() - started)
+    publish_report(report, raw_path, stdout)
+    return report
+
+
+def format_report(llm, results, methods, levels, max_tokens, num_spec_tokens, repetitions, elapsed) -> str:
+    by = {(r.method, r.concurrency): r for r in results}
+    lines = header_table(
+        "specserve bench throughput",
+        machine_info(llm),
+        llm.info(),
+        [
+            ("workload", f"Spec-Bench first turns, chat template, greedy, max {max_tokens} new tokens"),
+            ("requests per level", "max(4, 2 x concurrency), kept `concurrency` in flight"),
+            ("draft length", f"fixed {num_spec_tokens} for plain drafter rows; load-aware rows choose per step"),
+            ("repetitions", f"{repetitions} (median shown; min in the raw JSONL)"),
+            ("peak resident memory", f"{peak_rss_mib():.0f} MiB (KV pool {llm.engine.cache.memory_bytes() / 2**20:.0f} MiB, allocated lazily)"),
+            ("run time", f"{elapsed / 60:.1f} min"),
+        ],
+    )
+    lines += ["", "### Throughput (generated tokens/s, all requests of a level)", ""]
+    lines.append("| method | " + " | ".join(f"c={c}" for c in levels) + " |")
+    lines.append("|---|" + "---|" * len(levels))
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(f"{by[m, c].median:.1f}" for c in levels) + " |")
+    lines += ["", "### Ratio to speculation off at the same concurrency", ""]
+    lines.append("| method | " + " | ".join(f"c={c}" for c in levels) + " |")
+    lines.append("|---|" + "---|" * len(levels))
+    for m in methods:
+        if m != "off":
+            lines.append(f"| {m} | " + " | ".join(f"{by[m, c].median / by['off', c].median:.2f}x" for c in levels) + " |")
+    lines += ["", "### Acceptance length (tokens per target forward) and outputs identical to `off`", ""]
+    lines.append("| method | " + " | ".join(f"c={c}" for c in levels) + " |")
+    lines.append("|---|" + "---|" * len(levels))
+    for m in methods:
+        lines.append(
+            f"| {m} | "
+            + " | ".join(f"{by[m, c].acceptance_length:.2f} ({by[m, c].identical}/{by[m, c].requests})" for c in levels)
+            + " |"
+        )
+    off = [by["off", c].median for c in levels]
+    lines += ["", "### Goals", ""]
+    if 1 in levels and 16 in levels:
+        ratio = by["off", 16].median / by["off", 1].median
+        lines.append(f"- speculation off, throughput at 16 / at 1: {ratio:.2f}x (goal >= 3x): {'met' if ratio >= 3 else 'missed'}")
+    for m in methods:
+        if not m.endswith(LOAD_AWARE):
+            continue
+        ratios = [by[m, c].median / o for c, o in zip(levels, off)]
+        worst = min(ratios)
+        low = [r for c, r in zip(levels, ratios) if c <= 4]
+        lines.append(
+            f"- {m}: lowest ratio to off {worst:.2f}x (goal >= 0.95x): {'met' if worst >= 0.95 else 'missed'}; "
+            + (f"lowest at concurrency 1-4 {min(low):.2f}x (goal >= 1.3x): {'met' if min(low) >= 1.3 else 'missed'}" if low else "")
+        )
+    lines.append("")
+    return "\n".join(lines)

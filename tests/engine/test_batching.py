@@ -1,0 +1,145 @@
+"""Continuous batching keeps every request's output what it would be alone.
+
+64 Spec-Bench prompts of mixed lengths and `max_tokens` arrive staggered and run at
+concurrency 1, 4 and 16, plain and with every drafter (load-aware draft lengths).
+Greedy output of every request must equal that request decoded alone with plain
+decoding; a divergence is reported with the reference's top-2 logit margin and fails
+unless it is a near-tie. Also: seeded sampling does not depend on the batch, prefix
+caching and preemption under a small KV budget leave outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from specserve import LLM, SamplingParams
+from specserve.bench.workload import load_questions
+from specserve.engine.engine import Engine
+from specserve.equivalence import compare_greedy
+
+NUM_PROMPTS = 64
+MAX_PROMPT = 600
+MAX_TOKENS = (4, 12, 20, 8)  # cycled over the requests
+
+
+def run_staggered(engine: Engine, requests: list[tuple[list[int], SamplingParams]], concurrency: int):
+    """Feed requests so that at most `concurrency` are in flight, one new arrival per step;
+    returns the finished sequences in request order."""
+    pending = list(enumerate(requests))
+    live: dict[int, object] = {}
+    done: dict[int, object] = {}
+    while pending or live:
+        if pending and len(live) < concurrency:
+            i, (ids, params) = pending.pop(0)
+            live[i] = engine.add_request(ids, params)
+        engine.step()
+        for i, seq in list(live.items()):
+            if seq.finished:
+                done[i] = live.pop(i)
+                engine.requests.pop(seq.request_id, None)
+    return [done[i] for i in range(len(requests))]
+
+
+@pytest.fixture(scope="module")
+def batch_requests(llm_bf16) -> list[tuple[list[int], SamplingParams]]:
+    questions = load_questions()
+    prompts = []
+    for q in questions:
+        ids = llm_bf16.chat_prompt([{"role": "user", "content": q.turns[0]}])
+        if len(ids) <= MAX_PROMPT:
+            prompts.append(ids)
+    step = len(prompts) // NUM_PROMPTS  # spread over the categories
+    prompts = prompts[::step][:NUM_PROMPTS]
+    assert len(prompts) == NUM_PROMPTS
+    return [(ids, SamplingParams(max_tokens=MAX_TOKENS[i % len(MAX_TOKENS)], logprobs=2)) for i, ids in enumerate(prompts)]
+
+
+@pytest.fixture(scope="module")
+def alone_reference(llm_bf16, batch_requests):
+    """Each request decoded alone with plain greedy decoding."""
+    llm_bf16.set_spec(None)
+    return run_staggered(llm_bf16.engine, batch_requests, concurrency=1)
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory, gguf_path) -> str:
+    from specserve.model.export import export_truncated
+
+    return export_truncated(gguf_path, str(tmp_path_factory.mktemp("draft4")), 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("concurrency", [1, 4, 16])
+@pytest.mark.parametrize("spec", [None, "ngram", "suffix", "draft-model", "layer-skip"])
+def test_batched_greedy_equals_alone(spec, concurrency, llm_bf16, batch_requests, alone_reference, draft_dir):
+    if spec is None and concurrency == 1:
+        pytest.skip("this is the reference itself")
+    assert llm_bf16.max_num_seqs >= concurrency
+    llm_bf16.set_spec(f"draft-model:{draft_dir}" if spec == "draft-model" else spec)
+    try:
+        outputs = run_staggered(llm_bf16.engine, batch_requests, concurrency)
+    finally:
+        llm_bf16.set_spec(None)
+    report, failures = [], []
+    for i, (ref, out) in enumerate(zip(alone_reference, outputs)):
+        assert out.finish_reason in ("stop", "length")
+        d = compare_greedy(ref.output_ids, ref.logprobs, out.output_ids, llm_bf16.dtype)
+        if not d.identical:
+            report.append(f"request {i}: {d.describe()}")
+        if not d.ok:
+            failures.append(f"request {i}: {d.describe()}")
+    drafted = sum(o.metrics.drafted_tokens for o in outputs)
+    print(f"spec={spec} concurrency={concurrency}: drafted {drafted}; divergences: {report or 'none'}")
+    if spec is not None:
+        assert drafted > 0, "the drafter never proposed anything"
+    assert not failures, "\n".join(failures)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(llm_fp32, batch_requests):
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=100 + i) for i in range(4)]
+    prompts = [ids for ids, _ in batch_requests[:4]]
+    fillers = [(ids, SamplingParams(temperature=0.8, max_tokens=16, seed=7)) for ids, _ in batch_requests[4:12]]
+    for spec in (None, "ngram"):
+        llm_fp32.set_spec(spec)
+        try:
+            alone = [run_staggered(llm_fp32.engine, [(p, sp)], 1)[0].output_ids for p, sp in zip(prompts, params)]
+            mixed = run_staggered(llm_fp32.engine, list(zip(prompts, params)) + fillers, 12)
+        finally:
+            llm_fp32.set_spec(None)
+        assert [s.output_ids for s in mixed[:4]] == alone, spec
+
+
+def test_prefix_cache_reuses_blocks_and_keeps_outputs(llm_fp32):
+    system = "You are a careful assistant. " * 60
+    convs = [
+        [{"role": "system", "content": system}, {"role": "user", "content": q}]
+        for q in ("Name a color.", "Name a fruit.", "Name a city.")
+    ]
+    cache = llm_fp32.engine.cache
+    params = SamplingParams(max_tokens=8)
+    first = llm_fp32.chat(convs[0], params)[0]
+    later = llm_fp32.chat(convs[1:], params)
+    shared = len(llm_fp32.chat_prompt(convs[0])) - 16  # at least this much is a common prefix
+    for out in later:
+        assert out.metrics.cached_tokens >= shared // cache.block_size * cache.block_size - cache.block_size
+    # the same outputs with nothing cached: a fresh engine state
+    fresh = LLM(dtype="float32", device="cpu", max_num_seqs=2, max_model_len=1024)
+    for conv, out in zip(convs, [first, *later]):
+        again = fresh.chat(conv, params)[0]
+        assert again.metrics.cached_tokens == 0
+        assert again.token_ids == out.token_ids
+
+
+def test_small_kv_budget_preempts_and_still_completes(batch_requests):
+    # room for about two sequences at once while eight want to run
+    llm = LLM(dtype="bfloat16", device="cpu", max_num_seqs=8, max_model_len=1024, kv_cache_tokens=1024)
+    requests = [(ids, SamplingParams(max_tokens=20, logprobs=2)) for ids, _ in batch_requests[:12]]
+    reference = run_staggered(llm.engine, requests, 1)
+    for spec in (None, "ngram"):
+        llm.set_spec(spec)
+        outputs = run_staggered(llm.engine, requests, 8)
+        assert sum(o.metrics.preemptions for o in outputs) > 0, "the budget never forced a preemption"
+        assert llm.engine.cache.usage() == 0.0
+        for i, (ref, out) in enumerate(zip(reference, outputs)):
+            d = compare_greedy(ref.output_ids, ref.logprobs, out.output_ids, llm.dtype)
+            assert d.ok, f"{spec} request {i}: {d.describe()}"
