@@ -574,7 +574,7 @@ def _add_serve_commands(commands, kinds) -> None:
     add("--max-tokens", type=_count(1), default=64, metavar="N", help="max_tokens per request (default: 64)")
     add("--max-num-seqs", type=_count(1), default=16, metavar="N", help="the servers' batch size (default: 16)")
     add("--max-model-len", type=_count(16), default=2048, metavar="N", help="the servers' context limit (default: 2048)")
-    add("--n-per-category", type=_count(1), default=2, metavar="N", help="Spec-Bench questions per category (default: 2)")
+    add("--n-per-category", type=_count(1), default=1, metavar="N", help="Spec-Bench questions per category (default: 1)")
     add("--categories", metavar="LIST", help="comma-separated Spec-Bench categories (default: all)")
     add("--out", default="bench_out", metavar="DIR", help="where raw JSONL, server logs and the report go (default: bench_out/)")
     b.set_defaults(func=cmd_bench_serve, parser=b)

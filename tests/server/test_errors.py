@@ -189,3 +189,10 @@ def test_queue_full_is_429(tiny_server):
     r = tiny_server.client().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, temperature=0)
     assert r.choices[0].message.content is not None
     assert "specserve_requests_rejected_total 1.0" in tiny_server.metrics()
+
+
+def test_more_sequences_than_the_server_takes_is_400(tiny_server):
+    with pytest.raises(openai.BadRequestError) as info:
+        tiny_server.client().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, n=3)
+    err = error_of(info.value)
+    assert err["param"] == "n" and "at most 2" in err["message"]

@@ -124,4 +124,4 @@ def test_bench_serve_small(tmp_path, questions_file):
     assert all(x["error"] is None and x["check"] in ("exact", "near-tie") and x["done"] for x in records)
     assert all(len(x["token_ids"]) == x["usage"]["completion_tokens"] for x in records)
     report = (tmp_path / "serve_bench.md").read_text()
-    assert "| plain | 3 | 0 | 0 |" in report and "| ngram | 3 | 0 | 0 |" in report
+    assert "| plain | 3 | 0 | 0 | 0 |" in report and "| ngram | 3 | 0 | 0 | 0 |" in report

@@ -70,6 +70,7 @@ class StreamRecord:
     done: bool = False
     error: str | None = None
     check: str | None = None  # "exact" | "near-tie" | "mismatch: ..." | None (not checked)
+    cut: bool = False  # still streaming at the deadline: the client disconnected
 
 
 def _free_port() -> int:
@@ -215,6 +216,9 @@ async def _stream(client: httpx.AsyncClient, rec: StreamRecord, prompt: str, max
                         rec.finish_reason = choice["finish_reason"]
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         rec.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    except asyncio.CancelledError:
+        rec.cut = True
+        raise
     finally:
         rec.latency_s = time.perf_counter() - t0
 
@@ -244,8 +248,9 @@ def check(rec: StreamRecord, ref: Reference, tolerance: float) -> str:
     top = ref.top2[i]
     if len(top) < 2:
         return f"mismatch at token {i}: the reference has no runner-up"
-    margin = top[0][1] - top[1][1]
-    if margin < tolerance and rec.token_ids[i] == top[1][0]:
+    margin = abs(top[0][1] - top[1][1])
+    # the streamed token must be the reference's other top-2 token (an exact tie may be listed either way round)
+    if margin < tolerance and rec.token_ids[i] in (top[0][0], top[1][0]):
         return "near-tie"
     return f"mismatch at token {i}: streamed {rec.token_ids[i]}, reference {ref.token_ids[i]} (margin {margin:.3g})"
 
@@ -297,21 +302,25 @@ async def _run_config(
 
         async def client_loop() -> None:
             for k in counter:
-                if time.monotonic() >= deadline:
-                    return
                 p = usable[k % len(usable)]
                 rec = StreamRecord(name, k, p, time.perf_counter() - t_load)
                 records.append(rec)
                 await _stream(client, rec, prompts[p], max_tokens)
 
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        # at the deadline the clients still streaming disconnect: their requests are cut, not checked
+        tasks = [asyncio.create_task(client_loop()) for _ in range(concurrency)]
+        _, late = await asyncio.wait(tasks, timeout=max(deadline - time.monotonic(), 0.0))
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
         load_wall = time.perf_counter() - t_load
-        health = (await client.get("/health")).json()
+        health = await _wait_idle(client, 60.0)
 
     for rec in records:
-        if rec.error is None:
+        if rec.error is None and not rec.cut:
             rec.check = check(rec, refs[rec.prompt_index], tolerance)
     errors = [r for r in records if r.error is not None]
+    complete = [r for r in records if not r.cut]
     mismatches = [r for r in records if r.check is not None and r.check.startswith("mismatch")]
     tokens = sum(len(r.token_ids) for r in records)
     spec = [r.usage.get("speculation") or {} for r in records if r.usage]
@@ -319,14 +328,15 @@ async def _run_config(
     drafted = sum(s.get("drafted_tokens") or 0 for s in spec)
     accepted = sum(s.get("accepted_tokens") or 0 for s in spec)
     gen = sum(r.usage.get("completion_tokens", 0) for r in records if r.usage)
-    ttft = [r.ttft_s for r in records if r.ttft_s is not None]
+    ttft = [r.ttft_s for r in complete if r.ttft_s is not None]
     itl = [x for r in records for x in r.itl_s]
     return {
         "config": name,
         "prompts": len(usable),
         "reference_errors": ref_errors,
         "reference_s": ref_time,
-        "requests": len(records),
+        "requests": len(complete),
+        "cut": len(records) - len(complete),
         "errors": len(errors),
         "error_examples": [r.error for r in errors[:3]],
         "mismatches": len(mismatches),
@@ -345,6 +355,16 @@ async def _run_config(
         "idle_after": {k: health.get(k) for k in ("running", "waiting", "unfinished", "kv_usage")},
         "records": records,
     }
+
+
+async def _wait_idle(client: httpx.AsyncClient, timeout: float) -> dict[str, Any]:
+    """/health once the server has nothing unfinished (the cut requests are aborted), or after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        health = (await client.get("/health")).json()
+        if health.get("unfinished") == 0 or time.monotonic() > deadline:
+            return health
+        await asyncio.sleep(0.2)
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -435,13 +455,18 @@ def run_serve_bench(
             raw.writelines(json.dumps(asdict(rec)) + "\n" for rec in result.pop("records"))
             results.append(result)
             print(
-                f"[{name}] {result['requests']} requests, {result['errors']} errors, {result['mismatches']} mismatches, "
+                f"[{name}] {result['requests']} requests (+{result['cut']} cut at the deadline), {result['errors']} errors, "
+                f"{result['mismatches']} mismatches, "
                 f"{_fmt(result['tokens_per_s'])} tok/s",
                 file=stdout,
                 flush=True,
             )
     ok = all(
-        r["errors"] == 0 and r["mismatches"] == 0 and not r["reference_errors"] and r["server_exit_code"] == 0
+        r["errors"] == 0
+        and r["mismatches"] == 0
+        and not r["reference_errors"]
+        and r["server_exit_code"] == 0
+        and r["idle_after"]["unfinished"] == 0
         for r in results
     )
     report = _markdown(results, resolved, concurrency, max_tokens, max_num_seqs, len(prompts), ok)
@@ -458,14 +483,14 @@ def _markdown(results, dtype, concurrency, max_tokens, max_num_seqs, n_prompts, 
         f"{os.cpu_count()} CPUs"
     )
     head = (
-        "| config | requests | errors | lost/dup/mismatched | exact | near-ties | TTFT p50 / p99 ms "
+        "| config | requests | cut at deadline | errors | lost/dup/mismatched | exact | near-ties | TTFT p50 / p99 ms "
         "| ITL p50 / p99 ms | tokens | tok/s | AL | acceptance | idle after |"
     )
-    lines = [title, "", head, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [title, "", head, "|---" * 14 + "|"]
     for r in results:
         idle = r["idle_after"]
         lines.append(
-            f"| {r['config']} | {r['requests']} | {r['errors']} | {r['mismatches']} | {r['exact']} | {r['near_ties']} "
+            f"| {r['config']} | {r['requests']} | {r['cut']} | {r['errors']} | {r['mismatches']} | {r['exact']} | {r['near_ties']} "
             f"| {_fmt(r['ttft_p50_ms'], 0)} / {_fmt(r['ttft_p99_ms'], 0)} | {_fmt(r['itl_p50_ms'])} / "
             f"{_fmt(r['itl_p99_ms'])} | {r['tokens']} | {_fmt(r['tokens_per_s'])} | {_fmt(r['acceptance_length'], 2)} "
             f"| {_fmt(None if r['acceptance_rate'] is None else r['acceptance_rate'] * 100)}% "

@@ -553,6 +553,12 @@ class Generation:
         n = self.req.n
         total = n * len(prompts)
         capacity = state.llm.max_num_seqs + req.max_queue
+        if total > capacity:
+            raise APIError(
+                400,
+                f"the request asks for {total} sequences (n x prompts); this server takes at most {capacity} at once",
+                param="n",
+            )
         if engine.num_unfinished + total > capacity:
             state.metrics.rejected.inc()
             raise APIError(
