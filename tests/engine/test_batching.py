@@ -11,6 +11,7 @@ caching and preemption under a small KV budget leave outputs unchanged.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from specserve import LLM, SamplingParams
 from specserve.bench.workload import load_questions
@@ -96,10 +97,14 @@ def test_batched_greedy_equals_alone(spec, concurrency, llm_bf16, batch_requests
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(llm_fp32, batch_requests):
+    """A seeded request's tokens are the same alone or in a batch of 12, and (with the
+    model-free drafters, whose verification draws the target's own token at every
+    position) the same with speculation as without."""
     params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=100 + i) for i in range(4)]
     prompts = [ids for ids, _ in batch_requests[:4]]
     fillers = [(ids, SamplingParams(temperature=0.8, max_tokens=16, seed=7)) for ids, _ in batch_requests[4:12]]
-    for spec in (None, "ngram"):
+    plain_alone = None
+    for spec in (None, "ngram", "suffix"):
         llm_fp32.set_spec(spec)
         try:
             alone = [run_staggered(llm_fp32.engine, [(p, sp)], 1)[0].output_ids for p, sp in zip(prompts, params)]
@@ -107,6 +112,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llm_fp32, batch_requests):
         finally:
             llm_fp32.set_spec(None)
         assert [s.output_ids for s in mixed[:4]] == alone, spec
+        plain_alone = plain_alone or alone
+        assert alone == plain_alone, spec
 
 
 def test_prefix_cache_reuses_blocks_and_keeps_outputs(llm_fp32):
@@ -122,18 +129,21 @@ def test_prefix_cache_reuses_blocks_and_keeps_outputs(llm_fp32):
     shared = len(llm_fp32.chat_prompt(convs[0])) - 16  # at least this much is a common prefix
     for out in later:
         assert out.metrics.cached_tokens >= shared // cache.block_size * cache.block_size - cache.block_size
-    # the same outputs with nothing cached: a fresh engine state
+    # the same outputs computed without the prefix cache: a fresh engine per conversation
     fresh = LLM(dtype="float32", device="cpu", max_num_seqs=2, max_model_len=1024)
     for conv, out in zip(convs, [first, *later]):
+        fresh.engine.cache = fresh.engine.runner.cache = type(cache)(
+            cache.num_layers, 2, 1024, fresh.config.num_kv_heads, fresh.config.head_dim, torch.float32, "cpu"
+        )
         again = fresh.chat(conv, params)[0]
         assert again.metrics.cached_tokens == 0
         assert again.token_ids == out.token_ids
 
 
 def test_small_kv_budget_preempts_and_still_completes(batch_requests):
-    # room for about two sequences at once while eight want to run
-    llm = LLM(dtype="bfloat16", device="cpu", max_num_seqs=8, max_model_len=1024, kv_cache_tokens=1024)
-    requests = [(ids, SamplingParams(max_tokens=20, logprobs=2)) for ids, _ in batch_requests[:12]]
+    # room for two or three of the sequences at once while eight want to run and grow
+    llm = LLM(dtype="bfloat16", device="cpu", max_num_seqs=8, max_model_len=768, kv_cache_tokens=768)
+    requests = [(ids, SamplingParams(max_tokens=48, ignore_eos=True, logprobs=2)) for ids, _ in batch_requests[:8]]
     reference = run_staggered(llm.engine, requests, 1)
     for spec in (None, "ngram"):
         llm.set_spec(spec)

@@ -314,13 +314,14 @@ def test_lossless_chi_square(dense_q: bool) -> None:
 BIASES: dict[str, tuple[str, Callable[..., torch.Tensor]]] = {
     "always-accept": ("_accept", lambda p_d, q_d, u: torch.ones_like(p_d, dtype=torch.bool)),
     "recover-from-p": ("_residual", lambda p, q_dense, d, one_hot: p),
+    "accept-any-draft": ("_coupled_accept", lambda x, d: torch.ones_like(d, dtype=torch.bool)),
 }
 
 
 @pytest.mark.parametrize(
     ("bias", "dense_q"),
-    [("always-accept", True), ("recover-from-p", True), ("recover-from-p", False)],
-    ids=["always-accept", "recover-from-p-draft-model-q", "recover-from-p-one-hot-q"],
+    [("always-accept", True), ("recover-from-p", True), ("accept-any-draft", False)],
+    ids=["always-accept", "recover-from-p-draft-model-q", "accept-any-draft-one-hot-q"],
 )
 def test_chi_square_detects_biased_verifier(
     monkeypatch: pytest.MonkeyPatch, bias: str, dense_q: bool

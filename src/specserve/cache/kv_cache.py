@@ -60,6 +60,7 @@ class KVCache:
                 f"a KV cache of {num_blocks * block_size} tokens cannot hold one sequence of max_len {max_len}"
             )
         self.num_slots = num_slots
+        self.num_layers = num_layers
         self.max_len = max_len
         self.num_blocks = num_blocks
         self.device = torch.device(device)

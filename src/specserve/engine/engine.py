@@ -7,6 +7,7 @@ prefill (chunked by a token budget) and one token for each decoding sequence.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import deque
 
@@ -17,6 +18,7 @@ from specserve.engine.runner import ForwardItem, ModelRunner
 from specserve.engine.sequence import Sequence, Status, TokenLogprob
 from specserve.sampling.logits import SamplingTensors, build_token_counts, build_token_mask, process_batch
 from specserve.sampling.params import SamplingParams
+from specserve.sampling.rng import TOKEN, position_uniforms
 from specserve.sampling.sampler import compute_logprobs, sample
 from specserve.sampling.verifier import target_distributions, verify
 from specserve.spec.base import DraftProposal, Drafter, SequenceView
@@ -29,6 +31,23 @@ def _count_positions(counts: list[int], n: int) -> None:
         counts.extend([0] * (n - len(counts)))
     for j in range(n):
         counts[j] += 1
+
+
+def _seeded_uniforms(seqs: list[Sequence], rows: list[int], device: torch.device) -> torch.Tensor | None:
+    """Counter-based uniforms for the rows of seeded sampling sequences (NaN elsewhere).
+
+    Row j of a sequence picks its output position `len(output_ids) + j`, so a seeded
+    request's tokens do not depend on the batch or on how many drafts a step verified.
+    """
+    if not any(s.params.seed is not None and not s.params.greedy for s in seqs):
+        return None
+    values: list[float] = []
+    for seq, n in zip(seqs, rows):
+        if seq.params.seed is None or seq.params.greedy:
+            values.extend([math.nan] * n)
+        else:
+            values.extend(position_uniforms(seq.params.seed, TOKEN, len(seq.output_ids), n))
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def needs_processing(params: SamplingParams) -> bool:
@@ -332,7 +351,10 @@ class Engine:
         for d in drafts:
             cu.append(cu[-1] + len(d))
         flat = torch.tensor([t for d in drafts for t in d], dtype=torch.long, device=logits.device)
-        result = verify(probs, flat, cu, draft_probs, [p.greedy for p in params], [s.generator for s in seqs])
+        result = verify(
+            probs, flat, cu, draft_probs, [p.greedy for p in params], [s.generator for s in seqs],
+            _seeded_uniforms(seqs, [len(d) + 1 for d in drafts], logits.device),
+        )
         if any(p.logprobs is not None for p in params):
             row = 0
             for seq, d, tokens in zip(seqs, drafts, result.emitted):
@@ -357,7 +379,7 @@ class Engine:
         if probs is None:
             tokens = penalised.argmax(dim=-1)
         else:
-            tokens = sample(probs, [s.generator for s in seqs])
+            tokens = sample(probs, [s.generator for s in seqs], uniforms=_seeded_uniforms(seqs, [1] * len(seqs), logits.device))
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if want:
             k = max(seqs[i].params.logprobs for i in want)

@@ -27,6 +27,7 @@ def sample(
     probs: torch.Tensor,  # [N, V] float, rows sum to 1 (up to rounding)
     generators: Sequence[torch.Generator | None] | None = None,  # N entries
     greedy: torch.Tensor | None = None,  # [N] bool
+    uniforms: torch.Tensor | None = None,  # [N] float64, NaN = draw as without it
 ) -> torch.Tensor:
     """Draw one token per row; returns ``[N]`` int64 token ids.
 
@@ -37,6 +38,9 @@ def sample(
     when given, so a seeded request gets the same tokens however it is
     batched; rows without a generator share one draw from the default
     generator.
+
+    ``uniforms[i]``, where not NaN, is row i's uniform (counter-based numbers of
+    seeded requests, see :mod:`specserve.sampling.rng`).
 
     Greedy rows (``greedy[i]``; by default, rows whose distribution is
     one-hot, as produced by ``logits_to_probs`` for temperature 0) take the
@@ -58,6 +62,8 @@ def sample(
     for i, gen in enumerate(generators):
         if gen is not None:
             u[i] = torch.rand((), dtype=torch.float64, device=dev, generator=gen)
+    if uniforms is not None:
+        u = torch.where(torch.isnan(uniforms), u, uniforms.to(dev))
     cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # [N, V]
     target = (u * cdf[:, -1]).unsqueeze(1)  # [N, 1]
     sampled = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [N]

@@ -16,7 +16,15 @@ Rules, per sequence:
 
 * greedy: accept ``d_j`` while ``d_j == argmax p_j``; at the first mismatch
   (or after all ``k`` drafts) emit ``argmax p_j``. No random numbers.
-* sampling: accept ``d_j`` with probability ``min(1, p_j(d_j) / q_j(d_j))``;
+* sampling with a deterministic drafter (``q`` one-hot at ``d_j``): draw
+  ``x_j`` from ``p_j`` with the row's uniform; accept ``d_j`` while
+  ``x_j == d_j``, and at the first mismatch emit ``x_j`` (after all ``k``
+  drafts, ``x_{k+1}``). Accepting with probability ``p_j(d_j)`` and emitting
+  ``p_j`` without ``d_j`` on rejection is exactly the rule below for one-hot
+  ``q``, and every emitted token is the one plain sampling would draw with the
+  same uniform: with counter-based uniforms a seeded request gives the same
+  tokens with or without speculation, whatever the draft lengths.
+* sampling with a draft model: accept ``d_j`` with probability ``min(1, p_j(d_j) / q_j(d_j))``;
   at the first rejection emit a token from ``norm(max(0, p_j - q_j))`` (from
   ``p_j`` if that residual is empty); if all drafts are accepted emit a bonus
   token from ``p_{k+1}``. ``q`` is the draft distribution the drafts were
@@ -99,6 +107,18 @@ def _accept(
     """
     q = q_draft.double()
     return (q > 0) & (u * q < p_draft.double())
+
+
+def _coupled_accept(
+    sampled: torch.Tensor,  # [T] int64, x_j drawn from p_j
+    draft: torch.Tensor,  # [T] int64, d_j
+) -> torch.Tensor:
+    """Deterministic drafts: accept ``d_j`` when the target's own draw is ``d_j``.
+
+    Returns:
+        ``[T]`` bool.
+    """
+    return sampled == draft
 
 
 def _residual(
@@ -199,6 +219,7 @@ def verify(
     draft_probs: Sequence[torch.Tensor | None] | None,  # B entries of [k_i, V] or None
     greedy: Sequence[bool],  # B
     generators: Sequence[torch.Generator | None] | None = None,  # B
+    uniforms: torch.Tensor | None = None,  # [R] float64, NaN = draw as without it
 ) -> VerifyResult:
     """Verify ragged draft chains against the target distributions.
 
@@ -214,6 +235,8 @@ def verify(
             drafter (one-hot ``q``). ``None`` as a whole: all deterministic.
         greedy: per sequence, whether it decodes greedily.
         generators: per sequence RNG (``None`` entries use the default one).
+        uniforms: per target row, a uniform to use instead (NaN: none given);
+            seeded requests pass counter-based numbers here.
 
     Returns:
         A :class:`VerifyResult` with the emitted tokens per sequence.
@@ -294,6 +317,10 @@ def verify(
         dense_row_t = meta[6]  # [T]
         probs = target_probs.float()  # [R, V]
         u = _uniforms(r, row_start, num_draft, greedy, generators, dev)  # [R]
+        if uniforms is not None:
+            u = torch.where(torch.isnan(uniforms), u, uniforms.to(dev))
+        # the target's own draw at every row: deterministic drafts are verified against it
+        x_all = _inverse_cdf(probs, u)  # [R]
 
         p_draft = probs[draft_row_t, draft_ids]  # [T]
         q_cat: torch.Tensor | None = None
@@ -307,6 +334,8 @@ def verify(
         else:
             q_draft = torch.ones_like(p_draft)  # [T]
         accepted = _accept(p_draft, q_draft, u[draft_row_t])  # [T]
+        coupled_draft = dense_row_t < 0  # [T] one-hot q
+        accepted = torch.where(coupled_draft, _coupled_accept(x_all[draft_row_t], draft_ids), accepted)
         if any(greedy):
             argmax_rows = probs.argmax(dim=-1)  # [R]
             greedy_draft = greedy_t[seq_t]  # [T]
@@ -332,6 +361,11 @@ def verify(
         else:
             dist = p_final  # [B, V]
         sampled = _inverse_cdf(dist, u[row_start_t + num_draft_t])  # [B]
+        # sequences without a draft model's q emit the target's draw at the stopping row
+        has_dense = torch.zeros(b, dtype=torch.bool, device=dev)
+        if dense:
+            has_dense[torch.tensor(dense, dtype=torch.long, device=dev)] = True
+        sampled = torch.where(has_dense, sampled, x_all[final_row])
         final = torch.where(greedy_t, p_final.argmax(dim=-1), sampled)  # [B]
 
     # The one device -> host transfer.
