@@ -569,7 +569,7 @@ def _add_serve_commands(commands, kinds) -> None:
     add("--spec", default="ngram", metavar="METHOD", help="the speculative configuration (default: ngram)")
     add("--num-spec-tokens", type=_spec_tokens, metavar="N", help="most draft tokens per step, in [1, 32]")
     add("--requests", type=_count(1), default=2000, metavar="N", help="most streamed requests in all (default: 2000)")
-    add("--duration", type=_seconds, default=300.0, metavar="S", help="most seconds of traffic in all (default: 300)")
+    add("--duration", type=_seconds, default=300.0, metavar="S", help="most seconds of streamed traffic in all, references and start-up not counted (default: 300)")
     add("--concurrency", type=_count(1), default=64, metavar="C", help="concurrent streaming clients (default: 64)")
     add("--max-tokens", type=_count(1), default=64, metavar="N", help="max_tokens per request (default: 64)")
     add("--max-num-seqs", type=_count(1), default=16, metavar="N", help="the servers' batch size (default: 16)")
