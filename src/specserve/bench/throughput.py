@@ -132,6 +132,29 @@ def run_level(llm, prompts: Sequence[Prompt], params: SamplingParams, concurrenc
     return [done[i] for i in range(len(prompts))], wall
 
 
+SYSTEM_PROMPT = (
+    "You are the support assistant of a hardware store. Policies: answer politely and briefly; "
+    "recommend only products from the catalogue; never promise delivery dates; ask for the order "
+    "number before discussing an order; refunds are possible within thirty days with a receipt; "
+    "tools with a motor carry a two-year warranty; paint is mixed on request and cannot be returned. "
+)
+PREFIX_QUESTIONS = ("Do you sell ladders?", "Can I return paint?", "How long is the drill warranty?", "Where is my order?")
+
+
+def prefix_cache_ttft(llm, target_tokens: int = 1000) -> tuple[int, float, list[float]]:
+    """TTFT of requests sharing a ~`target_tokens`-token system prompt, one after another:
+    (system prompt tokens, first request's TTFT, later requests' TTFTs)."""
+    system = SYSTEM_PROMPT
+    while len(llm.chat_prompt([{"role": "system", "content": system}])) < target_tokens:
+        system += SYSTEM_PROMPT
+    n_system = len(llm.chat_prompt([{"role": "system", "content": system}]))
+    ttfts = []
+    for q in PREFIX_QUESTIONS:
+        out = llm.chat([{"role": "system", "content": system}, {"role": "user", "content": q}], SamplingParams(max_tokens=4))[0]
+        ttfts.append(out.metrics.ttft)
+    return n_system, ttfts[0], ttfts[1:]
+
+
 def peak_rss_mib() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return usage / 1024 if sys.platform != "darwin" else usage / 2**20
@@ -166,8 +189,9 @@ def run_throughput_bench(
     raw_path = raw_jsonl_path(out_dir, "throughput")
     results: list[LevelResult] = []
     started = time.perf_counter()
-    # warm-up: one short request per method kind, so start-up costs stay out of the figures
+    # warm-up: one short request, so start-up costs stay out of the figures
     llm.generate([prompts[0].token_ids], SamplingParams(max_tokens=8))
+    prefix = prefix_cache_ttft(llm)
     with open(raw_path, "w", encoding="utf-8") as raw:
         total = len(levels) * len(methods) * repetitions
         bar = tqdm(total=total, desc="throughput", unit="run", file=sys.stderr, leave=False)
@@ -207,12 +231,14 @@ def run_throughput_bench(
                 )
         bar.close()
         llm.set_spec(None)
-    report = format_report(llm, results, methods, levels, max_tokens, num_spec_tokens, repetitions, time.perf_counter() - started)
+    report = format_report(
+        llm, results, methods, levels, max_tokens, num_spec_tokens, repetitions, time.perf_counter() - started, prefix
+    )
     publish_report(report, raw_path, stdout)
     return report
 
 
-def format_report(llm, results, methods, levels, max_tokens, num_spec_tokens, repetitions, elapsed) -> str:
+def format_report(llm, results, methods, levels, max_tokens, num_spec_tokens, repetitions, elapsed, prefix) -> str:
     by = {(r.method, r.concurrency): r for r in results}
     lines = header_table(
         "specserve bench throughput",
@@ -262,5 +288,12 @@ def format_report(llm, results, methods, levels, max_tokens, num_spec_tokens, re
             f"- {m}: lowest ratio to off {worst:.2f}x (goal >= 0.95x): {'met' if worst >= 0.95 else 'missed'}; "
             + (f"lowest at concurrency 1-4 {min(low):.2f}x (goal >= 1.3x): {'met' if min(low) >= 1.3 else 'missed'}" if low else "")
         )
+    n_system, first, later = prefix
+    ratio = first / statistics.median(later)
+    lines.append(
+        f"- prefix caching: {len(later) + 1} requests sharing a {n_system}-token system prompt, one after another: "
+        f"TTFT {first * 1000:.0f} ms for the first, median {statistics.median(later) * 1000:.0f} ms for the later ones, "
+        f"{ratio:.1f}x lower (goal >= 3x): {'met' if ratio >= 3 else 'missed'}"
+    )
     lines.append("")
     return "\n".join(lines)

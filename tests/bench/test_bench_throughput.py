@@ -1,0 +1,52 @@
+"""`specserve bench throughput`: argument errors and one tiny real run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from specserve.bench.throughput import parse_levels, parse_methods
+
+TIMEOUT = 900  # the shared 2-core machines can be very slow under load
+
+
+def test_parse_methods_and_levels():
+    assert parse_methods("ngram,suffix+load-aware") == ["off", "ngram", "suffix+load-aware"]
+    assert parse_levels("1, 4,16") == [1, 4, 16]
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        parse_methods("nope")
+    with pytest.raises(ValueError, match="--concurrency"):
+        parse_levels("1,x")
+    with pytest.raises(ValueError, match=">= 1"):
+        parse_levels("0")
+
+
+def test_bad_flag_is_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "specserve.cli", "bench", "throughput", "--methods", "warp"],
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--methods" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tiny_run_writes_report_and_raw_records(tmp_path, questions_file):
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "specserve.cli", "bench", "throughput", "--methods", "off,ngram+load-aware",
+            "--concurrency", "1,2", "--requests", "4", "--max-tokens", "6", "--out", str(tmp_path),
+        ],
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| ngram+load-aware |" in proc.stdout and "c=2" in proc.stdout
+    assert "prefix caching:" in proc.stdout and "peak resident memory" in proc.stdout
+    raw = next(tmp_path.glob("throughput_*.jsonl"))
+    records = [json.loads(line) for line in raw.read_text().splitlines()]
+    assert {(r["method"], r["concurrency"]) for r in records} == {
+        (m, c) for m in ("off", "ngram+load-aware") for c in (1, 2)
+    }
+    assert len(records) == 16 and all(0 < r["new_tokens"] <= 6 for r in records)
