@@ -157,7 +157,7 @@ def test_speculative_sampling_matches_plain_distribution(spec, temperature, top_
 
 def test_chi_square_catches_a_biased_verifier(tiny_target, monkeypatch):
     """The same check fails when the verifier accepts every draft (no p/q test)."""
-    def accept_all(target_probs, draft_token_ids, cu, draft_probs, greedy, generators):
+    def accept_all(target_probs, draft_token_ids, cu, draft_probs, greedy, generators, *uniforms):
         emitted, accepted = [], []
         for i in range(len(cu) - 1):
             drafts = draft_token_ids[cu[i] : cu[i + 1]].tolist()

@@ -18,10 +18,10 @@ from specserve.engine.runner import ForwardItem, ModelRunner
 from specserve.engine.sequence import Sequence, Status, TokenLogprob
 from specserve.sampling.logits import SamplingTensors, build_token_counts, build_token_mask, process_batch
 from specserve.sampling.params import SamplingParams
-from specserve.sampling.rng import TOKEN, position_uniforms
+from specserve.sampling.rng import ACCEPT, TOKEN, position_uniforms
 from specserve.sampling.sampler import compute_logprobs, sample
 from specserve.sampling.verifier import target_distributions, verify
-from specserve.spec.base import DraftProposal, Drafter, SequenceView
+from specserve.spec.base import Drafter, DraftProposal, SequenceView
 from specserve.spec.policy import FixedSpecPolicy, SpecPolicy
 
 
@@ -33,7 +33,9 @@ def _count_positions(counts: list[int], n: int) -> None:
         counts[j] += 1
 
 
-def _seeded_uniforms(seqs: list[Sequence], rows: list[int], device: torch.device) -> torch.Tensor | None:
+def _seeded_uniforms(
+    seqs: list[Sequence], rows: list[int], device: torch.device, stream: int = TOKEN
+) -> torch.Tensor | None:
     """Counter-based uniforms for the rows of seeded sampling sequences (NaN elsewhere).
 
     Row j of a sequence picks its output position `len(output_ids) + j`, so a seeded
@@ -46,7 +48,7 @@ def _seeded_uniforms(seqs: list[Sequence], rows: list[int], device: torch.device
         if seq.params.seed is None or seq.params.greedy:
             values.extend([math.nan] * n)
         else:
-            values.extend(position_uniforms(seq.params.seed, TOKEN, len(seq.output_ids), n))
+            values.extend(position_uniforms(seq.params.seed, stream, len(seq.output_ids), n))
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
@@ -354,6 +356,7 @@ class Engine:
         result = verify(
             probs, flat, cu, draft_probs, [p.greedy for p in params], [s.generator for s in seqs],
             _seeded_uniforms(seqs, [len(d) + 1 for d in drafts], logits.device),
+            _seeded_uniforms(seqs, [len(d) + 1 for d in drafts], logits.device, ACCEPT),
         )
         if any(p.logprobs is not None for p in params):
             row = 0

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import struct
 
-#: stream of the uniforms that pick the token emitted at each output position
+#: streams: the uniform that picks the token emitted at each output position, and the
+#: one of the acceptance test against a draft model's q there
 TOKEN = 0
+ACCEPT = 1
 
 
 def position_uniforms(seed: int, stream: int, start: int, n: int) -> list[float]:

@@ -220,6 +220,7 @@ def verify(
     greedy: Sequence[bool],  # B
     generators: Sequence[torch.Generator | None] | None = None,  # B
     uniforms: torch.Tensor | None = None,  # [R] float64, NaN = draw as without it
+    accept_uniforms: torch.Tensor | None = None,  # [R] float64, NaN = draw as without it
 ) -> VerifyResult:
     """Verify ragged draft chains against the target distributions.
 
@@ -235,8 +236,12 @@ def verify(
             drafter (one-hot ``q``). ``None`` as a whole: all deterministic.
         greedy: per sequence, whether it decodes greedily.
         generators: per sequence RNG (``None`` entries use the default one).
-        uniforms: per target row, a uniform to use instead (NaN: none given);
-            seeded requests pass counter-based numbers here.
+        uniforms: per target row, the uniform that draws the token emitted at
+            that row's position (NaN: none given); seeded requests pass
+            counter-based numbers here.
+        accept_uniforms: per target row, the uniform of the acceptance test
+            against a draft model's q there (NaN: none given). Separate from
+            ``uniforms`` so no number decides two things.
 
     Returns:
         A :class:`VerifyResult` with the emitted tokens per sequence.
@@ -317,10 +322,10 @@ def verify(
         dense_row_t = meta[6]  # [T]
         probs = target_probs.float()  # [R, V]
         u = _uniforms(r, row_start, num_draft, greedy, generators, dev)  # [R]
-        if uniforms is not None:
-            u = torch.where(torch.isnan(uniforms), u, uniforms.to(dev))
+        u_tok = u if uniforms is None else torch.where(torch.isnan(uniforms), u, uniforms.to(dev))  # [R]
+        u_acc = u if accept_uniforms is None else torch.where(torch.isnan(accept_uniforms), u, accept_uniforms.to(dev))
         # the target's own draw at every row: deterministic drafts are verified against it
-        x_all = _inverse_cdf(probs, u)  # [R]
+        x_all = _inverse_cdf(probs, u_tok)  # [R]
 
         p_draft = probs[draft_row_t, draft_ids]  # [T]
         q_cat: torch.Tensor | None = None
@@ -333,7 +338,7 @@ def verify(
             q_draft = torch.where(is_dense, q_at, torch.ones_like(q_at))  # [T]
         else:
             q_draft = torch.ones_like(p_draft)  # [T]
-        accepted = _accept(p_draft, q_draft, u[draft_row_t])  # [T]
+        accepted = _accept(p_draft, q_draft, u_acc[draft_row_t])  # [T]
         coupled_draft = dense_row_t < 0  # [T] one-hot q
         accepted = torch.where(coupled_draft, _coupled_accept(x_all[draft_row_t], draft_ids), accepted)
         if any(greedy):
@@ -360,7 +365,11 @@ def verify(
             dist = torch.where(use_res[:, None], res, p_final)  # [B, V]
         else:
             dist = p_final  # [B, V]
-        sampled = _inverse_cdf(dist, u[row_start_t + num_draft_t])  # [B]
+        u_final = u[row_start_t + num_draft_t]  # [B] a row no acceptance test used
+        if uniforms is not None:  # seeded rows: the uniform of the emitted position
+            given = uniforms.to(dev)[final_row]
+            u_final = torch.where(torch.isnan(given), u_final, given)
+        sampled = _inverse_cdf(dist, u_final)  # [B]
         # sequences without a draft model's q emit the target's draw at the stopping row
         has_dense = torch.zeros(b, dtype=torch.bool, device=dev)
         if dense:
