@@ -631,8 +631,11 @@ def cmd_serve(parser: ArgumentParser, args: argparse.Namespace) -> int:
             num_spec_tokens=args.num_spec_tokens,
             adaptive_spec=args.adaptive_spec,
         )
-        warm = llm.encode("Hello") if llm.tokenizer is not None else [0]
-        llm.generate([warm or [0]], SamplingParams(max_tokens=2))  # first forwards pack weights: not on a request
+        # the first forwards of each shape are slow (kernel set-up): pay for them here, not on the first
+        # requests: a full batch of prompts of different lengths, decoding a few tokens together
+        base = (llm.encode("Hello, how are you today?") if llm.tokenizer is not None else []) or [1]
+        lengths = [min(len(base) * (1 << i), llm.max_model_len // 4) for i in range(llm.max_num_seqs)]
+        llm.generate([(base * (n // len(base) + 1))[:n] for n in lengths], SamplingParams(max_tokens=4, ignore_eos=True))
         spec = "off" if llm.spec is None else f"{llm.spec} (num_spec_tokens {llm.num_spec_tokens})"
         print(
             f"specserve: serving {config.model_name} on http://{args.host}:{args.port} "

@@ -510,8 +510,11 @@ def _markdown(results, dtype, concurrency, max_tokens, max_num_seqs, n_prompts, 
         ):
             if items:
                 lines.append(f"- {r['config']} {label}: {'; '.join(str(x) for x in items[:3])}")
-    lines += [
-        "",
-        "PASS: 0 errors, 0 lost or duplicated tokens" if ok else "FAIL: see the errors above",
+    lines += [""] + [
+        f"- {r['config']}: references (every prompt once, non-streamed) {r['reference_s']:.0f} s, "
+        f"streamed traffic {r['load_s']:.0f} s, server exit code {r['server_exit_code']}"
+        for r in results
     ]
+    verdict = "PASS: 0 errors, 0 lost or duplicated tokens" if ok else "FAIL: errors, mismatches or no checked request"
+    lines += ["", verdict]
     return "\n".join(lines) + "\n"
