@@ -123,7 +123,7 @@ SERVERS = {
         ["--max-num-seqs", "4", "--max-model-len", "512", "--spec", "ngram"],
         API_KEY,
     ),
-    # tiny limits: one running sequence, one waiting, 4 KiB bodies, 128-token context
+    # tiny limits: one running sequence, one waiting, 4 KiB bodies
     "tiny": (
         [
             "--max-num-seqs",
@@ -131,7 +131,7 @@ SERVERS = {
             "--max-queue",
             "1",
             "--max-model-len",
-            "128",
+            "512",
             "--max-request-bytes",
             "4096",
         ],

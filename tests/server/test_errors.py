@@ -170,7 +170,8 @@ def test_request_size_limit(tiny_server):
 
 def test_queue_full_is_429(tiny_server):
     """Capacity 2 (1 running + 1 waiting): a third concurrent request is refused, then served."""
-    long = {"model": MODEL, "messages": CHAT, "max_tokens": 90, "stream": True, "ignore_eos": True}
+    # ~450 decode steps each: neither can finish before the third request arrives
+    long = {"model": MODEL, "messages": CHAT, "max_tokens": 450, "stream": True, "ignore_eos": True}
     http = httpx.Client(base_url=tiny_server.url, timeout=60)
     url = "/v1/chat/completions"
     with http, http.stream("POST", url, json=long) as a, http.stream("POST", url, json=long) as b:
