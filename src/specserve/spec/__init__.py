@@ -75,6 +75,7 @@ def measure_forward_cost(runner: ModelRunner, max_tokens: int, context: int = 12
     """
     model = runner.model
     cfg = model.config
+    max_tokens = max(1, min(max_tokens, model.max_len - 2))  # a small context limit caps the probe
     context = max(1, min(context, model.max_len - max_tokens - 1))
     kv = runner.cache.k[0]
     scratch = KVCache(cfg.num_layers, 1, context + max_tokens + 1, cfg.num_kv_heads, cfg.head_dim, kv.dtype, kv.device)
