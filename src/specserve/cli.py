@@ -52,14 +52,22 @@ def _count(minimum: int):
     return parse
 
 
-def _spec_tokens(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int: {text!r}") from None
-    if not 1 <= value <= 32:
-        raise argparse.ArgumentTypeError(f"must be in [1, 32], got {value}")
-    return value
+def _int_in(low: int, high: int):
+    """An int flag in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+
+    return parse
+
+
+_spec_tokens = _int_in(1, 32)
 
 
 def _flag_error(exc: ValueError) -> str:
@@ -507,14 +515,7 @@ def cmd_bench_throughput(parser: ArgumentParser, args: argparse.Namespace) -> in
 # ---------------------------------------------------------------- serve, bench serve
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
-    return value
+_port = _int_in(0, 65535)
 
 
 def _seconds(text: str) -> float:

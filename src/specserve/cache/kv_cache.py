@@ -141,7 +141,7 @@ class KVCache:
         """
         if length > self.max_len:
             raise KVCacheFull(f"length {length} exceeds the KV limit {self.max_len}")
-        if length > len(self.tables[slot]) * self.block_size:
+        if length > self.capacity(slot):
             raise ValueError(f"slot {slot} has no blocks for {length} tokens")
         self.lengths[slot] = length
         if token_ids is not None:
@@ -162,6 +162,10 @@ class KVCache:
         for _ in range(need):
             table.append(self._take_block(table[-1] + 1 if table else None))
         return True
+
+    def capacity(self, slot: int) -> int:
+        """Tokens the slot's blocks hold."""
+        return len(self.tables[slot]) * self.block_size
 
     def blocks_needed(self, slot: int, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(self.tables[slot]))

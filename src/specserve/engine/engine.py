@@ -218,7 +218,7 @@ class Engine:
             kept.append(seq)
         keep = {id(s) for s in kept}
         budgets = [
-            min(k, len(self.cache.tables[s.slot]) * self.cache.block_size - s.num_cached - 1)
+            min(k, self.cache.capacity(s.slot) - s.num_cached - 1)
             for s, k in zip(decoding, budgets)
             if id(s) in keep
         ]
@@ -239,7 +239,7 @@ class Engine:
             if seq.status is not Status.PREFILL or budget <= 0:
                 continue
             total = seq.num_tokens
-            room = (len(self.cache.tables[seq.slot]) + self.cache.num_free_blocks) * self.cache.block_size
+            room = self.cache.capacity(seq.slot) + self.cache.num_free_blocks * self.cache.block_size
             n = min(budget, total - seq.num_cached, room - seq.num_cached)
             if n <= 0 or not self.cache.ensure(seq.slot, seq.num_cached + n):
                 continue
