@@ -176,8 +176,10 @@ def test_queue_full_is_429(tiny_server):
     url = "/v1/chat/completions"
     with http, http.stream("POST", url, json=long) as a, http.stream("POST", url, json=long) as b:
         assert a.status_code == 200 and b.status_code == 200
-        next(a.iter_lines())  # both admitted (role chunks sent)
-        next(b.iter_lines())
+        # both admitted (role chunks sent); the line iterators are kept alive: a dropped one
+        # is closed at once, and closing it closes the connection (the server aborts the stream)
+        lines = [a.iter_lines(), b.iter_lines()]
+        assert all(next(it).startswith("data: ") for it in lines)
         with pytest.raises(openai.RateLimitError) as info:
             tiny_server.client().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
         err = error_of(info.value)
