@@ -171,7 +171,14 @@ class KVCache:
         return max(0, -(-num_tokens // self.block_size) - len(self.tables[slot]))
 
     def _take_block(self, preferred: int | None) -> int:
-        if preferred is not None and preferred < self.num_blocks and self._is_free[preferred]:
+        if preferred is not None and preferred < self.num_blocks and self._refs[preferred] == 0:
+            if preferred in self._key_of:
+                # a cached block nobody holds: keeping the sequence consecutive in the pool
+                # (attention then reads a view, not a gather) is worth more than its key
+                del self._evictable[preferred]
+                del self._block_of[self._key_of.pop(preferred)]
+                self._refs[preferred] = 1
+                return preferred
             block = preferred
         elif self._num_free_blocks:
             block = self._run_middle()
@@ -256,6 +263,19 @@ class KVCache:
         B = self.block_size
         table = self.tables[slot]
         return [table[i // B] * B + i % B for i in range(start, end)]
+
+    def runs(self, slot: int, end: int) -> list[tuple[int, int]]:
+        """The slot's tokens `0..end-1` as runs of consecutive pool indices: (first index, count)."""
+        B = self.block_size
+        table = self.tables[slot]
+        out: list[tuple[int, int]] = []
+        for b in range(-(-end // B)):
+            first, n = table[b] * B, min(B, end - b * B)
+            if out and out[-1][0] + out[-1][1] == first:
+                out[-1] = (out[-1][0], out[-1][1] + n)
+            else:
+                out.append((first, n))
+        return out
 
     def contiguous_start(self, slot: int, end: int) -> int | None:
         """Pool index of token 0 when tokens `0..end-1` are consecutive in the pool, else None."""

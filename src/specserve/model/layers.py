@@ -75,6 +75,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+# A sequence whose cache entries lie in at most this many runs of consecutive pool indices
+# is read by concatenating the runs (sequential copies, which the prefetcher streams);
+# beyond it, by one gather (each token's row fetched on its own: latency-bound when cold).
+MAX_READ_RUNS = 8
+
+
 @dataclass
 class AttentionMetadata:
     """Where the tokens of a flattened batch go.
@@ -83,7 +89,8 @@ class AttentionMetadata:
     at cache indices `cache_starts[i]` on. `write_index` `[T]` holds the KV pool index of
     every token of the forward. `reads[i]` says where sequence i's cache entries
     `0..cache_starts[i] + q_len - 1` lie in the pool: an int (they are consecutive from
-    there) or an index tensor to gather them. `masks[i]` is the boolean attention mask
+    there), a few runs `[(first index, count), ...]` to concatenate, or an index tensor
+    to gather them. `masks[i]` is the boolean attention mask
     `[q_len, cache_start + q_len]` of a full-attention layer, or None for plain causal
     attention; `sliding_masks[i]` the same for sliding layers.
     """
@@ -91,7 +98,7 @@ class AttentionMetadata:
     query_starts: list[int]  # len = num_seqs + 1
     cache_starts: list[int]
     write_index: torch.Tensor
-    reads: list[int | torch.Tensor]
+    reads: list[int | list[tuple[int, int]] | torch.Tensor]
     masks: list[torch.Tensor | None]
     sliding_masks: list[torch.Tensor | None]
 
@@ -120,7 +127,7 @@ def build_attention_metadata(
     masks: list[torch.Tensor | None] = []
     sliding: list[torch.Tensor | None] = []
     writes: list[int] = []
-    reads: list[int | torch.Tensor] = []
+    reads: list[int | list[tuple[int, int]] | torch.Tensor] = []
     for i, (slot, q_len, start) in enumerate(zip(slots, query_lens, cache_starts)):
         query_starts.append(query_starts[-1] + q_len)
         total = start + q_len
@@ -129,9 +136,12 @@ def build_attention_metadata(
             writes.extend(range(base + start, base + total))
             reads.append(base)
         else:
-            index = cache.indices(slot, 0, total)
-            writes.extend(index[start:])
-            reads.append(torch.tensor(index, dtype=torch.long, device=device))
+            writes.extend(cache.indices(slot, start, total))
+            runs = cache.runs(slot, total)
+            if len(runs) <= MAX_READ_RUNS:
+                reads.append(runs)
+            else:
+                reads.append(torch.tensor(cache.indices(slot, 0, total), dtype=torch.long, device=device))
         tree = tree_masks[i] if tree_masks is not None else None
         if tree is None and q_len == 1:
             mask = None  # one query sees everything cached
@@ -217,6 +227,9 @@ class Attention(nn.Module):
             end = start + (b - a)
             if isinstance(read, int):
                 keys, values = k_cache[:, read : read + end], v_cache[:, read : read + end]
+            elif isinstance(read, list):
+                keys = torch.cat([k_cache[:, first : first + n] for first, n in read], dim=1)
+                values = torch.cat([v_cache[:, first : first + n] for first, n in read], dim=1)
             else:
                 keys, values = k_cache.index_select(1, read), v_cache.index_select(1, read)
             mask = masks[i]

@@ -1,0 +1,101 @@
+"""The paged KV cache: block placement, prefix sharing, and how attention reads a sequence
+(one view, a few concatenated runs, or a gather) - all three give the same attention."""
+
+from __future__ import annotations
+
+import torch
+
+from specserve.cache.kv_cache import KVCache
+from specserve.config import ModelConfig
+from specserve.model import layers
+from specserve.model.layers import Attention, build_attention_metadata
+
+B = 16
+
+
+def cache(num_blocks: int = 32, slots: int = 4) -> KVCache:
+    return KVCache(1, slots, num_blocks * B, 1, 4, torch.float32, "cpu", block_size=B, num_blocks=num_blocks)
+
+
+def test_runs_follow_the_block_table():
+    kv = cache()
+    slot = kv.allocate()
+    assert kv.ensure(slot, 40)
+    first = kv.tables[slot][0]
+    assert kv.tables[slot] == [first, first + 1, first + 2]  # grown into the next blocks
+    assert kv.runs(slot, 40) == [(first * B, 40)]
+    assert kv.contiguous_start(slot, 40) == first * B
+    kv.tables[slot] = [5, 6, 9]  # a table with a hole
+    assert kv.runs(slot, 35) == [(5 * B, 32), (9 * B, 3)]
+    assert kv.contiguous_start(slot, 35) is None
+    assert kv.indices(slot, 30, 35) == [6 * B + 14, 6 * B + 15, 9 * B, 9 * B + 1, 9 * B + 2]
+
+
+def test_a_rerun_after_a_prefix_hit_stays_consecutive():
+    """The block after the matched prefix is a cached block nobody holds: the new sequence
+    grows into it rather than jumping elsewhere, so attention still reads one view."""
+    kv = cache()
+    tokens = list(range(100))
+    a = kv.allocate()
+    assert kv.ensure(a, len(tokens))
+    kv.commit(a, len(tokens), tokens)
+    kv.free(a)  # all six full blocks stay cached
+    b = kv.allocate()
+    matched = kv.match_prefix(b, tokens)
+    assert matched == 96
+    assert kv.ensure(b, 120)
+    assert kv.contiguous_start(b, 120) is not None
+    assert kv.runs(b, 120) == [(kv.tables[b][0] * B, 120)]
+
+
+def test_shared_prefix_blocks_are_never_taken_for_growth():
+    kv = cache()
+    tokens = list(range(64))
+    a = kv.allocate()
+    assert kv.ensure(a, 64)
+    kv.commit(a, 64, tokens)
+    b = kv.allocate()
+    assert kv.match_prefix(b, tokens + [7] * 20) == 64
+    assert kv.ensure(b, 84)
+    assert kv.tables[b][:4] == kv.tables[a]  # shared with the live sequence
+    assert kv.tables[b][4] not in kv.tables[a]
+
+
+def _attend_all(read_mode: str, monkeypatch) -> torch.Tensor:
+    cfg = ModelConfig(
+        family="llama",
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        sliding_layers=(False,),
+    )
+    torch.manual_seed(0)
+    attn = Attention(cfg, sliding=False)
+    kv = KVCache(1, 2, 256, 2, 8, torch.float32, "cpu", block_size=B, num_blocks=32)
+    torch.nn.init.normal_(kv.k[0])
+    torch.nn.init.normal_(kv.v[0])
+    slot = kv.allocate()
+    kv.tables[slot] = {"view": [3, 4, 5, 6], "runs": [3, 4, 10, 11], "gather": [3, 8, 12, 20]}[read_mode]
+    kv.lengths[slot] = 50
+    q = torch.randn(4, 3, 8)
+    k, v = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    monkeypatch.setattr(layers, "MAX_READ_RUNS", 2)
+    meta = build_attention_metadata(kv, [slot], [3], [50], torch.device("cpu"))
+    expected = {"view": int, "runs": list, "gather": torch.Tensor}[read_mode]
+    assert isinstance(meta.reads[0], expected)
+    # the same logical cache contents wherever the blocks lie
+    logical = torch.randn(2, 53, 8, generator=torch.Generator().manual_seed(1))
+    index = torch.tensor(kv.indices(slot, 0, 50))
+    kv.k[0][:, index] = logical[:, :50]
+    kv.v[0][:, index] = logical[:, :50] * 0.5
+    return attn.attend(q, k, v, meta, kv.k[0], kv.v[0])
+
+
+def test_view_runs_and_gather_reads_agree(monkeypatch):
+    view = _attend_all("view", monkeypatch)
+    assert torch.equal(view, _attend_all("runs", monkeypatch))
+    assert torch.equal(view, _attend_all("gather", monkeypatch))
