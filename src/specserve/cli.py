@@ -547,6 +547,8 @@ def _add_serve_commands(commands, kinds) -> None:
     add("--served-model-name", metavar="NAME", help="the model id clients send (default: the model file's name)")
     add("--max-num-seqs", type=_count(1), default=8, metavar="N", help="sequences decoded together (default: 8)")
     add("--max-model-len", type=_count(16), metavar="N", help="context limit per sequence (default: the model's, at most 4096)")
+    add("--max-num-batched-tokens", type=_count(16), default=512, metavar="N", help="tokens in one forward; long prompts are prefilled in chunks of it (default: 512)")
+    add("--kv-cache-tokens", type=_count(16), metavar="N", help="KV memory budget in tokens, at least --max-model-len (default: max_num_seqs x max_model_len, at most 32768)")
     add("--max-queue", type=_count(0), default=256, metavar="N", help="sequences that may wait beyond the batch before 429 (default: 256)")
     add("--max-tokens-limit", type=_count(1), metavar="N", help="largest max_tokens a request may ask for (default: the context limit)")
     add("--max-request-bytes", type=_count(1024), default=1 << 20, metavar="B", help="largest request body (default: 1 MiB)")
@@ -606,6 +608,8 @@ def cmd_serve(parser: ArgumentParser, args: argparse.Namespace) -> int:
             probe.bind((args.host, args.port))
     except (OSError, UnicodeError) as exc:
         parser.error(f"--port: cannot bind {args.host}:{args.port}: {_one_line(exc)}")
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < (args.max_model_len or 0):
+        parser.error(f"--kv-cache-tokens must be >= --max-model-len ({args.max_model_len}), got {args.kv_cache_tokens}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("SPECSERVE_API_KEY") or None
     if api_key is not None and not api_key.strip():
         parser.error("--api-key: must not be empty")
@@ -628,6 +632,8 @@ def cmd_serve(parser: ArgumentParser, args: argparse.Namespace) -> int:
             device=args.device,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            kv_cache_tokens=args.kv_cache_tokens,
             spec=args.spec,
             num_spec_tokens=args.num_spec_tokens,
             adaptive_spec=args.adaptive_spec,

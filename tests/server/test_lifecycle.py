@@ -78,6 +78,8 @@ def test_503_while_loading_then_graceful_shutdown(tmp_path):
         (["serve", "--max-num-seqs", "0"], "--max-num-seqs"),
         (["serve", "--num-spec-tokens", "4"], "--num-spec-tokens"),
         (["serve", "--host", "256.1.1.1"], "--port"),
+        (["serve", "--kv-cache-tokens", "256", "--max-model-len", "512"], "--kv-cache-tokens"),
+        (["serve", "--max-num-batched-tokens", "8"], "--max-num-batched-tokens"),
         (["bench", "serve", "--concurrency", "0"], "--concurrency"),
         (["bench", "serve", "--duration", "-1"], "--duration"),
         (["bench", "serve", "--requests", "x"], "--requests"),

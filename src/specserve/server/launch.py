@@ -57,7 +57,7 @@ def run_server(
     def on_load_error(exc: BaseException) -> None:
         failed.append(exc)
         print(
-            f"specserve serve: error: --model: cannot load the model: {' '.join(str(exc).split())}",
+            f"specserve serve: error: cannot load the model: {' '.join(str(exc).split())}",
             file=sys.stderr,
         )
         if server is not None:
