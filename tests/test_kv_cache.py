@@ -99,3 +99,22 @@ def test_view_runs_and_gather_reads_agree(monkeypatch):
     view = _attend_all("view", monkeypatch)
     assert torch.equal(view, _attend_all("runs", monkeypatch))
     assert torch.equal(view, _attend_all("gather", monkeypatch))
+
+
+def test_reset_prefix_cache_frees_cached_blocks_and_forgets_keys():
+    kv = cache()
+    tokens = list(range(64))
+    a = kv.allocate()
+    assert kv.ensure(a, 64)
+    kv.commit(a, 64, tokens)
+    b = kv.allocate()
+    assert kv.ensure(b, 32)
+    kv.commit(b, 32, [9] * 32)
+    kv.free(b)  # two cached blocks nobody holds
+    free_before = kv.num_free_blocks
+    assert kv.reset_prefix_cache() == 2
+    assert kv.num_free_blocks == free_before  # they were takeable before, and still are
+    c = kv.allocate()
+    assert kv.match_prefix(c, tokens + [1]) == 0  # a's blocks are no longer found either
+    kv.free(a)
+    assert kv.num_free_blocks == kv.num_blocks

@@ -264,6 +264,11 @@ class LLM:
                 self.engine.requests.pop(s.request_id, None)
         return [RequestOutput.from_sequence(s) for s in seqs]
 
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached prompt prefix (benchmarks comparing methods on the same prompts
+        start each from a cold cache); returns the KV blocks freed."""
+        return self.engine.cache.reset_prefix_cache()
+
     def info(self) -> dict[str, Any]:
         cfg = self.config
         return {

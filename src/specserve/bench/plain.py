@@ -68,6 +68,7 @@ GenerateFn = Callable[[list[int], int], tuple[list[int], float, float | None]]  
 def specserve_runner(llm: LLM) -> GenerateFn:
     def run(ids: list[int], max_tokens: int) -> tuple[list[int], float, float | None]:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)  # greedy
+        llm.reset_prefix_cache()  # repetitions prefill like the first run (transformers caches nothing)
         started = time.perf_counter()
         out = llm.generate([ids], params)[0]
         return out.token_ids, time.perf_counter() - started, out.metrics.ttft

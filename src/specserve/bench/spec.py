@@ -466,6 +466,7 @@ def run_spec_bench(
 
         def run(method: str, prompt: Prompt):
             use(method)
+            llm.reset_prefix_cache()  # every method prefills the prompt itself
             started = time.perf_counter()
             out = llm.generate([prompt.token_ids], params)[0]
             return out, time.perf_counter() - started

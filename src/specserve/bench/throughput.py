@@ -144,6 +144,7 @@ PREFIX_QUESTIONS = ("Do you sell ladders?", "Can I return paint?", "How long is 
 def prefix_cache_ttft(llm, target_tokens: int = 1000) -> tuple[int, float, list[float]]:
     """TTFT of requests sharing a ~`target_tokens`-token system prompt, one after another:
     (system prompt tokens, first request's TTFT, later requests' TTFTs)."""
+    llm.reset_prefix_cache()
     system = SYSTEM_PROMPT
     while len(llm.chat_prompt([{"role": "system", "content": system}])) < target_tokens:
         system += SYSTEM_PROMPT
@@ -205,6 +206,7 @@ def run_throughput_bench(
                 rates, tokens_total, forwards_total = [], 0, 0
                 identical = 0
                 for rep in range(repetitions):
+                    llm.reset_prefix_cache()  # every run prefills its prompts: no method rides on another's cache
                     seqs, wall = run_level(llm, level_prompts, params, level)
                     new = sum(len(s.output_ids) for s in seqs)
                     rates.append(new / wall)

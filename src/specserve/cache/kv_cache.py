@@ -256,6 +256,18 @@ class KVCache:
         self.hits += matched
         return matched
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix: unowned cached blocks become free, blocks in use keep
+        their data but lose their keys (nothing will match them). Returns the blocks freed."""
+        freed = len(self._evictable)
+        for block in self._evictable:
+            self._is_free[block] = True
+        self._num_free_blocks += freed
+        self._evictable.clear()
+        self._key_of.clear()
+        self._block_of.clear()
+        return freed
+
     # ------------------------------------------------------------------ addressing
 
     def indices(self, slot: int, start: int, end: int) -> list[int]:
