@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -256,6 +257,19 @@ class KVCache:
         self.hits += matched
         return matched
 
+    def move(self, slot: int, src: list[int], dst: list[int]) -> None:
+        """Copy the K/V of the slot's positions `src` to positions `dst` in every layer
+        (a token tree's accepted branch into consecutive positions). The positions must
+        have blocks; moved pairs that coincide are skipped."""
+        pairs = [(a, b) for a, b in zip(src, dst, strict=True) if a != b]
+        if not pairs:
+            return
+        index = self.indices_of(slot, [a for a, _ in pairs] + [b for _, b in pairs])
+        src_i = torch.tensor(index[: len(pairs)], dtype=torch.long, device=self.device)
+        dst_i = torch.tensor(index[len(pairs) :], dtype=torch.long, device=self.device)
+        for pool in (*self.k, *self.v):
+            pool.index_copy_(1, dst_i, pool.index_select(1, src_i))
+
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix: unowned cached blocks become free, blocks in use keep
         their data but lose their keys (nothing will match them). Returns the blocks freed."""
@@ -272,9 +286,13 @@ class KVCache:
 
     def indices(self, slot: int, start: int, end: int) -> list[int]:
         """Pool indices of the slot's tokens `start..end-1` (their blocks must exist)."""
+        return self.indices_of(slot, range(start, end))
+
+    def indices_of(self, slot: int, positions: Iterable[int]) -> list[int]:
+        """Pool indices of the slot's tokens at `positions` (their blocks must exist)."""
         B = self.block_size
         table = self.tables[slot]
-        return [table[i // B] * B + i % B for i in range(start, end)]
+        return [table[i // B] * B + i % B for i in positions]
 
     def runs(self, slot: int, end: int) -> list[tuple[int, int]]:
         """The slot's tokens `0..end-1` as runs of consecutive pool indices: (first index, count)."""

@@ -20,9 +20,11 @@ from specserve.sampling.logits import SamplingTensors, build_token_counts, build
 from specserve.sampling.params import SamplingParams
 from specserve.sampling.rng import ACCEPT, TOKEN, position_uniforms
 from specserve.sampling.sampler import compute_logprobs, sample
-from specserve.sampling.verifier import target_distributions, verify
+from specserve.sampling.verifier import inverse_cdf, target_distributions, verify
 from specserve.spec.base import Drafter, DraftProposal, SequenceView
 from specserve.spec.policy import FixedSpecPolicy, SpecPolicy
+from specserve.spec.tree import ancestor_mask, walk
+from specserve.spec.tree import depths as tree_depths
 
 
 def _count_positions(counts: list[int], n: int) -> None:
@@ -228,12 +230,18 @@ class Engine:
         items: list[ForwardItem] = []
         sampled: list[Sequence] = []  # sequences that get tokens from this forward, in row order
         sampled_drafts: list[list[int]] = []
+        sampled_parents: list[list[int] | None] = []
         chunks: list[tuple[Sequence, int]] = []  # prefill chunks that do not finish
         budget = self.max_num_batched_tokens
-        for seq, d in zip(decoding, drafts):
-            items.append(ForwardItem(seq.slot, seq.num_cached, [seq.last_token, *d], logits_from=0))
+        for seq, d, parents in zip(decoding, drafts, proposal.parents):
+            item = ForwardItem(seq.slot, seq.num_cached, [seq.last_token, *d], logits_from=0)
+            if parents is not None:  # a token tree: positions by depth, attention to ancestors
+                item.positions = [seq.num_cached + depth for depth in [0, *tree_depths(parents)]]
+                item.tree_mask = ancestor_mask(parents, self.runner.device)
+            items.append(item)
             sampled.append(seq)
             sampled_drafts.append(d)
+            sampled_parents.append(parents)
             budget -= 1 + len(d)
         for seq in self.running:
             if seq.status is not Status.PREFILL or budget <= 0:
@@ -250,6 +258,7 @@ class Engine:
             if done:
                 sampled.append(seq)
                 sampled_drafts.append([])
+                sampled_parents.append(None)
             else:
                 chunks.append((seq, n))
         if not items:
@@ -261,14 +270,20 @@ class Engine:
         t0 = time.perf_counter()
         logits, _ = self.runner.forward(items)
         draft_probs = proposal.probs + [None] * (len(sampled) - len(decoding))
-        emitted = self._verify(sampled, sampled_drafts, draft_probs, logits)
+        emitted, paths = self._verify(sampled, sampled_drafts, draft_probs, logits, sampled_parents)
         verify_time = time.perf_counter() - t0
         now = time.perf_counter()
         for seq, n in chunks:
             seq.num_cached += n
             self.cache.commit(seq.slot, seq.num_cached, seq.all_ids)
-        for seq, d, tokens in zip(sampled, sampled_drafts, emitted):
+        for seq, d, parents, tokens, path in zip(sampled, sampled_drafts, sampled_parents, emitted, paths):
             n_acc = len(tokens) - 1
+            if path is not None:
+                # the accepted branch's K/V sit at its drafts' forward indices: move them
+                # to the positions after the root before anything reads them
+                src = [seq.num_cached + 1 + j for j in path]
+                dst = list(range(seq.num_cached + 1, seq.num_cached + 1 + len(path)))
+                self.cache.move(seq.slot, src, dst)
             if seq.status is Status.PREFILL:
                 seq.num_cached = seq.num_tokens
                 seq.status = Status.DECODE
@@ -280,7 +295,8 @@ class Engine:
                 m.verify_time += verify_time
                 m.drafted_tokens += len(d)
                 m.accepted_tokens += n_acc
-                _count_positions(m.drafted_per_position, len(d))
+                # per draft position; in a tree, per depth (drafted when some node lies there)
+                _count_positions(m.drafted_per_position, len(d) if parents is None else max(tree_depths(parents), default=0))
                 _count_positions(m.accepted_per_position, n_acc)
             self.cache.commit(seq.slot, seq.num_cached)
             seq.metrics.forward_passes += 1
@@ -289,11 +305,12 @@ class Engine:
                 self.cache.commit(seq.slot, seq.num_cached, seq.all_ids)  # full blocks join the prefix cache
         if self.drafter is not None:
             # finished sequences were already released by the drafter and the policy
-            live = [(s, d, t) for s, d, t in zip(decoding, drafts, emitted) if not s.finished]
+            levels = [len(d) if p is None else max(tree_depths(p), default=0) for d, p in zip(drafts, proposal.parents)]
+            live = [(s, n, t) for s, n, t in zip(decoding, levels, emitted) if not s.finished]
             if live:
                 self.drafter.observe([self._view(s) for s, _, _ in live], [len(t) - 1 for _, _, t in live])
-            for seq, d, tokens in live:
-                self.policy.update(seq.request_id, len(d), len(tokens) - 1)
+            for seq, n, tokens in live:
+                self.policy.update(seq.request_id, n, len(tokens) - 1)
         self.policy.observe_step(len(items), sum(len(it.token_ids) for it in items), time.perf_counter() - step_start)
         return sampled
 
@@ -330,9 +347,11 @@ class Engine:
         self.policy.observe_draft_time(draft_time, sum(len(t) for t in proposal.token_ids))
         for seq in decoding:
             seq.metrics.draft_time += draft_time
+        # a prefix of a tree's drafts is a tree: parents come first
         return DraftProposal(
             [list(t[:b]) for t, b in zip(proposal.token_ids, budgets)],
             [q[:b] if q is not None else None for q, b in zip(proposal.probs, budgets)],
+            [p[:b] if p is not None else None for p, b in zip(proposal.parents, budgets)],
         )
 
     def _verify(
@@ -341,39 +360,73 @@ class Engine:
         drafts: list[list[int]],
         draft_probs: list[torch.Tensor | None],  # per sequence [k_i, V], None = one-hot q
         logits: torch.Tensor,  # [sum(k_i + 1), V], row order = seqs
-    ) -> list[list[int]]:
-        """Emitted tokens per sequence: accepted drafts plus the bonus/recovered token."""
+        parents: list[list[int] | None],  # per sequence: None for a chain, else its tree
+    ) -> tuple[list[list[int]], list[list[int] | None]]:
+        """Emitted tokens per sequence (accepted drafts plus the bonus/recovered token) and,
+        for a token tree, the indices of its accepted drafts (None for chains)."""
         if not any(drafts):
-            return [[t] for t in self._sample(seqs, logits)]
+            return [[t] for t in self._sample(seqs, logits)], [None] * len(seqs)
         params = [s.params for s in seqs]
         penalised, probs = target_distributions(
-            logits, params, [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], drafts
+            logits, params, [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], drafts, parents
         )
-        cu = [0]
-        for d in drafts:
-            cu.append(cu[-1] + len(d))
-        flat = torch.tensor([t for d in drafts for t in d], dtype=torch.long, device=logits.device)
-        result = verify(
-            probs, flat, cu, draft_probs, [p.greedy for p in params], [s.generator for s in seqs],
-            _seeded_uniforms(seqs, [len(d) + 1 for d in drafts], logits.device),
-            _seeded_uniforms(seqs, [len(d) + 1 for d in drafts], logits.device, ACCEPT),
-        )
-        if any(p.logprobs is not None for p in params):
-            row = 0
-            for seq, d, tokens in zip(seqs, drafts, result.emitted):
-                if seq.params.logprobs is not None:
-                    rows = torch.arange(row, row + len(tokens))
-                    lp = compute_logprobs(penalised[rows], torch.tensor(tokens), seq.params.logprobs)
-                    seq.pending_logprobs = [
-                        TokenLogprob(
-                            tok,
-                            float(lp.token_logprobs[j]),
-                            list(zip(lp.top_token_ids[j].tolist(), lp.top_logprobs[j].tolist())),
-                        )
-                        for j, tok in enumerate(tokens)
-                    ]
-                row += len(d) + 1
-        return result.emitted
+        starts = list(itertools.accumulate((len(d) + 1 for d in drafts), initial=0))
+        emitted: list[list[int]] = [[] for _ in seqs]
+        paths: list[list[int] | None] = [None] * len(seqs)
+        rows_of: list[list[int]] = [[] for _ in seqs]  # the rows that scored each emitted token
+        chains = [i for i, p in enumerate(parents) if p is None]
+        if chains:
+            sub = [seqs[i] for i in chains]
+            chain_rows = [r for i in chains for r in range(starts[i], starts[i + 1])]
+            chain_probs = probs if len(chains) == len(seqs) else probs[torch.tensor(chain_rows, device=probs.device)]
+            cu = list(itertools.accumulate((len(drafts[i]) for i in chains), initial=0))
+            flat = torch.tensor([t for i in chains for t in drafts[i]], dtype=torch.long, device=logits.device)
+            result = verify(
+                chain_probs, flat, cu, [draft_probs[i] for i in chains], [s.params.greedy for s in sub],
+                [s.generator for s in sub],
+                _seeded_uniforms(sub, [len(drafts[i]) + 1 for i in chains], logits.device),
+                _seeded_uniforms(sub, [len(drafts[i]) + 1 for i in chains], logits.device, ACCEPT),
+            )
+            for i, tokens in zip(chains, result.emitted):
+                emitted[i] = tokens
+                rows_of[i] = list(range(starts[i], starts[i] + len(tokens)))
+        for i, tree in enumerate(parents):
+            if tree is not None:
+                emitted[i], paths[i] = self._verify_tree(seqs[i], drafts[i], tree, probs[starts[i] : starts[i + 1]])
+                rows_of[i] = [starts[i]] + [starts[i] + 1 + j for j in paths[i]]
+        for seq, tokens, rows in zip(seqs, emitted, rows_of):
+            if seq.params.logprobs is not None:
+                lp = compute_logprobs(penalised[torch.tensor(rows)], torch.tensor(tokens), seq.params.logprobs)
+                seq.pending_logprobs = [
+                    TokenLogprob(
+                        tok,
+                        float(lp.token_logprobs[j]),
+                        list(zip(lp.top_token_ids[j].tolist(), lp.top_logprobs[j].tolist())),
+                    )
+                    for j, tok in enumerate(tokens)
+                ]
+        return emitted, paths
+
+    def _verify_tree(
+        self, seq: Sequence, tokens: list[int], parents: list[int], probs: torch.Tensor  # [k + 1, V]
+    ) -> tuple[list[int], list[int]]:
+        """Walk a token tree with the target's own tokens: (emitted tokens, accepted drafts).
+
+        Each node's target token is its argmax (greedy) or its draw with the uniform of the
+        output position at that depth, the one plain sampling would use there.
+        """
+        if seq.params.greedy:
+            targets = probs.argmax(dim=-1).tolist()
+        else:
+            node_depth = [0, *tree_depths(parents)]
+            n = max(node_depth) + 1
+            u = _seeded_uniforms([seq], [n], probs.device)
+            if u is None:
+                gen = seq.generator
+                u = torch.rand(n, dtype=torch.float64, generator=gen, device=gen.device if gen is not None else "cpu")
+            targets = inverse_cdf(probs, u.to(probs.device)[node_depth]).tolist()
+        path = walk(tokens, parents, targets)
+        return [tokens[j] for j in path] + [targets[path[-1] + 1 if path else 0]], path
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """One token per sequence from its row of `logits` `[len(seqs), V]` (no drafts)."""

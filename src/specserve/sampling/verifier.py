@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..spec.tree import path_tokens
 from .logits import (
     GREEDY_TEMPERATURE_EPS,
     ProcessedLogits,
@@ -57,7 +58,7 @@ from .logits import (
 )
 from .params import SamplingParams
 
-__all__ = ["VerifyResult", "target_distributions", "verify"]
+__all__ = ["VerifyResult", "inverse_cdf", "target_distributions", "verify"]
 
 
 @dataclass
@@ -140,7 +141,7 @@ def _residual(
     return res.scatter(1, idx, kept)
 
 
-def _inverse_cdf(
+def inverse_cdf(
     probs: torch.Tensor,  # [B, V] unnormalised non-negative weights, row sums > 0
     u: torch.Tensor,  # [B] float64 uniforms in [0, 1)
 ) -> torch.Tensor:
@@ -325,7 +326,7 @@ def verify(
         u_tok = u if uniforms is None else torch.where(torch.isnan(uniforms), u, uniforms.to(dev))  # [R]
         u_acc = u if accept_uniforms is None else torch.where(torch.isnan(accept_uniforms), u, accept_uniforms.to(dev))
         # the target's own draw at every row: deterministic drafts are verified against it
-        x_all = _inverse_cdf(probs, u_tok)  # [R]
+        x_all = inverse_cdf(probs, u_tok)  # [R]
 
         p_draft = probs[draft_row_t, draft_ids]  # [T]
         q_cat: torch.Tensor | None = None
@@ -369,7 +370,7 @@ def verify(
         if uniforms is not None:  # seeded rows: the uniform of the emitted position
             given = uniforms.to(dev)[final_row]
             u_final = torch.where(torch.isnan(given), u_final, given)
-        sampled = _inverse_cdf(dist, u_final)  # [B]
+        sampled = inverse_cdf(dist, u_final)  # [B]
         # sequences without a draft model's q emit the target's draw at the stopping row
         has_dense = torch.zeros(b, dtype=torch.bool, device=dev)
         if dense:
@@ -401,12 +402,14 @@ def target_distributions(
     params: Sequence[SamplingParams],  # B
     output_ids: Sequence[Sequence[int]],  # B, tokens generated so far
     prompt_ids: Sequence[Sequence[int]],  # B
-    draft_token_ids: Sequence[Sequence[int]],  # B ragged draft chains
+    draft_token_ids: Sequence[Sequence[int]],  # B ragged draft chains (or trees)
+    draft_parents: Sequence[Sequence[int] | None] | None = None,  # B, None = a chain
 ) -> ProcessedLogits:
     """Processed target distribution of every verified row of a ragged batch.
 
     Row ``j`` of sequence ``i`` is processed exactly as plain sampling would
-    process the next-token logits after ``output_ids[i] + drafts[i][:j]``:
+    process the next-token logits after ``output_ids[i] + drafts[i][:j]``
+    (for a token tree, the drafts on the path from the root to draft ``j - 1``):
     penalties count that history (and ``prompt_ids[i]`` for the repetition
     penalty), then temperature / top-k / top-p / min-p with ``params[i]``.
 
@@ -449,10 +452,12 @@ def target_distributions(
         flat_idx: list[int] = []
         start = 0
         for i, drafts in enumerate(draft_token_ids):
+            tree = draft_parents[i] if draft_parents is not None else None
             if i in pen:
                 for j in range(1, len(drafts) + 1):
                     row = start + j
-                    flat_idx.extend(row * v + tok for tok in drafts[:j] if 0 <= tok < v)
+                    history = drafts[:j] if tree is None else path_tokens(drafts, tree, j - 1)
+                    flat_idx.extend(row * v + tok for tok in history if 0 <= tok < v)
             start += num_rows[i]
         if flat_idx:
             idx = _long_tensor(flat_idx, dev)

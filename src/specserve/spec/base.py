@@ -11,11 +11,13 @@ One step, for a batch of sequences (each with its own draft budget, zero include
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence as Seq
+from typing import Protocol
+from typing import Sequence as Seq
 
 import torch
 
 from specserve.sampling.params import SamplingParams
+from specserve.spec.tree import check_tree
 
 
 @dataclass
@@ -32,21 +34,32 @@ class SequenceView:
 
 @dataclass
 class DraftProposal:
-    """Draft chains for a batch, ragged: sequence i proposes `token_ids[i]` (maybe empty).
+    """Draft chains or trees for a batch, ragged: sequence i proposes `token_ids[i]` (maybe empty).
 
     `probs[i]` is the draft distribution q the tokens were drawn from, `[k_i, V]`
     float32, or None for drafters without one (n-gram, suffix: q is one-hot at the
     proposed token). Lossless sampling needs q exactly as the drafts were sampled.
+
+    `parents[i]` is None for a chain, or the parent of every draft token of a token
+    tree (see `specserve.spec.tree`); trees carry no q (their drafts are deterministic).
     """
 
     token_ids: list[list[int]]
     probs: list[torch.Tensor | None] = field(default_factory=list)
+    parents: list[list[int] | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.probs:
             self.probs = [None] * len(self.token_ids)
-        if len(self.probs) != len(self.token_ids):
-            raise ValueError("DraftProposal needs one probs entry per sequence")
+        if not self.parents:
+            self.parents = [None] * len(self.token_ids)
+        if len(self.probs) != len(self.token_ids) or len(self.parents) != len(self.token_ids):
+            raise ValueError("DraftProposal needs one probs and one parents entry per sequence")
+        for tokens, parents, q in zip(self.token_ids, self.parents, self.probs):
+            if parents is not None:
+                check_tree(tokens, parents)
+                if q is not None:
+                    raise ValueError("a token tree is verified without a draft distribution (probs must be None)")
 
     @property
     def num_draft_tokens(self) -> list[int]:
