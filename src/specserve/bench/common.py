@@ -24,6 +24,12 @@ class Prompt:
 
     question: Question
     token_ids: list[int]
+    turn: int = 1  # 2: the second MT-Bench turn, after the model's own first answer
+
+    @property
+    def prompt_id(self) -> str:
+        """`writing-81` for a first turn, `writing-81-t2` for a second one."""
+        return self.question.prompt_id if self.turn == 1 else f"{self.question.prompt_id}-t{self.turn}"
 
 
 class TimedRecord(Protocol):
