@@ -147,11 +147,18 @@ def build_runners(
         why = missing_peer(names[0])
         if why is not None:
             missing.update({name: why for name in names})
-        elif peer == TRANSFORMERS:
-            runners += transformers_runners(names, llm, draft_model, notes)
         else:
-            runners += llama_cpp_runners(names, llm)
+            runners += _peer_runners(peer, names, llm, draft_model, notes)
     return runners
+
+
+def _peer_runners(peer: str, names: list[str], llm: Any, draft_model: str | None, notes: list[str]) -> list[MethodRunner]:
+    try:
+        if peer == TRANSFORMERS:
+            return list(transformers_runners(names, llm, draft_model, notes))
+        return list(llama_cpp_runners(names, llm))
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise ValueError(f"--methods: peer {peer} could not load {llm.model_path}: {exc}") from exc
 
 
 def to_record(runner: MethodRunner, prompt: Prompt, rep: int, gen: Generation) -> RequestRecord:

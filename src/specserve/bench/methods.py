@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from specserve.bench.common import parse_method_list
 from specserve.bench.records import PLAIN, Generation
 from specserve.sampling.params import SamplingParams
 
@@ -45,13 +46,7 @@ NEEDS_DRAFT_MODEL = ("draft-model", "transformers+assisted")
 
 def parse_methods(text: str | Iterable[str]) -> list[str]:
     """`"ngram,llama.cpp"` -> `["plain", "ngram", "llama.cpp"]`: known names, plain always first."""
-    items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text)]
-    items = [m for m in items if m]
-    if not items:
-        raise ValueError(f"--methods: give at least one of {', '.join(ALL_METHODS)}")
-    unknown = [m for m in items if m not in ALL_METHODS]
-    if unknown:
-        raise ValueError(f"--methods: unknown method {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
+    items = parse_method_list(text, ALL_METHODS)
     return list(dict.fromkeys([PLAIN, *items]))
 
 

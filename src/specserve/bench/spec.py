@@ -38,6 +38,7 @@ from specserve.bench.common import (
     first_divergence,
     header_table,
     machine_info,
+    parse_method_list,
     plural,
     publish_report,
     raw_jsonl_path,
@@ -79,14 +80,7 @@ class SpecRecord:
 
 def parse_methods(text: str | Iterable[str]) -> list[str]:
     """`"ngram,suffix"` -> `["ngram", "suffix"]`: known names, no duplicates, at least one."""
-    items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text)]
-    items = [m for m in items if m]
-    if not items:
-        raise ValueError(f"--methods: give at least one of {', '.join(METHODS)}")
-    unknown = [m for m in items if m not in METHODS]
-    if unknown:
-        raise ValueError(f"--methods: unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    return list(dict.fromkeys(items))
+    return parse_method_list(text, METHODS)
 
 
 def resolve_draft_model(
