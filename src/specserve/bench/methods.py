@@ -287,9 +287,11 @@ def _counting_llama(gguf_path: str, n_ctx: int, prompt_lookup: bool) -> Any:
             super().eval(tokens)
 
     draft = LlamaPromptLookupDecoding(num_pred_tokens=PEER_DRAFT_TOKENS) if prompt_lookup else None
+    # With a draft model llama-cpp-python keeps logits of every position but sizes its score buffer
+    # by `logits_all`: without logits_all=True a prompt longer than n_batch (512) overflows it.
     return CountingLlama(
         model_path=gguf_path, n_ctx=n_ctx, n_threads=LLAMA_CPP_THREADS, n_threads_batch=LLAMA_CPP_THREADS,
-        draft_model=draft, verbose=False,
+        draft_model=draft, logits_all=prompt_lookup, verbose=False,
     )
 
 
