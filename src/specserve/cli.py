@@ -1,4 +1,4 @@
-"""Command line: `specserve generate | info | serve | make-draft | bench plain | bench spec | bench serve`.
+"""Command line: `specserve generate | info | serve | make-draft | bench plain|spec|throughput|serve|run|report|all`.
 
 Bad input ends with one `error:` line naming the flag and exit code 2, never a traceback.
 """
@@ -232,6 +232,9 @@ def build_parser() -> ArgumentParser:
     add("--out", default="bench_out", metavar="DIR", help="where raw JSONL and the report go (default: bench_out/)")
     bt.set_defaults(func=cmd_bench_throughput, parser=bt)
     _add_serve_commands(commands, kinds)
+    from specserve.bench.cli import add_harness_commands
+
+    add_harness_commands(kinds)
     return parser
 
 

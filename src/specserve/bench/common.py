@@ -24,6 +24,12 @@ class Prompt:
 
     question: Question
     token_ids: list[int]
+    turn: int = 1  # 2: the second MT-Bench turn, after the model's own first answer
+
+    @property
+    def prompt_id(self) -> str:
+        """`writing-81` for a first turn, `writing-81-t2` for a second one."""
+        return self.question.prompt_id if self.turn == 1 else f"{self.question.prompt_id}-t{self.turn}"
 
 
 class TimedRecord(Protocol):
@@ -49,6 +55,18 @@ def select_questions(
 def build_prompts(llm, questions: Sequence[Question]) -> list[Prompt]:
     """First turns through the model's chat template."""
     return [Prompt(q, llm.chat_prompt([{"role": "user", "content": q.turns[0]}])) for q in questions]
+
+
+def parse_method_list(text: str | Iterable[str], known: Sequence[str]) -> list[str]:
+    """`"a, b,a"` -> `["a", "b"]`: names from `known`, no duplicates, at least one (errors name --methods)."""
+    items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text)]
+    items = [m for m in items if m]
+    if not items:
+        raise ValueError(f"--methods: give at least one of {', '.join(known)}")
+    unknown = [m for m in items if m not in known]
+    if unknown:
+        raise ValueError(f"--methods: unknown method {', '.join(unknown)}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(items))
 
 
 def check_fits(prompts: Sequence[Prompt], max_tokens: int, max_model_len: int) -> None:

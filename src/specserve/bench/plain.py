@@ -39,7 +39,7 @@ from specserve.bench.common import (
 from specserve.bench.common import plural as _plural
 from specserve.sampling.params import SamplingParams
 
-__all__ = ["Prompt", "Record", "machine_info", "tokens_per_s", "first_divergence", "run_plain_bench"]
+__all__ = ["Prompt", "Record", "first_divergence", "machine_info", "run_plain_bench", "tokens_per_s"]
 
 OURS = "specserve"
 PEER = "transformers"

@@ -38,6 +38,7 @@ from specserve.bench.common import (
     first_divergence,
     header_table,
     machine_info,
+    parse_method_list,
     plural,
     publish_report,
     raw_jsonl_path,
@@ -79,14 +80,26 @@ class SpecRecord:
 
 def parse_methods(text: str | Iterable[str]) -> list[str]:
     """`"ngram,suffix"` -> `["ngram", "suffix"]`: known names, no duplicates, at least one."""
-    items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text)]
-    items = [m for m in items if m]
-    if not items:
-        raise ValueError(f"--methods: give at least one of {', '.join(METHODS)}")
-    unknown = [m for m in items if m not in METHODS]
-    if unknown:
-        raise ValueError(f"--methods: unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    return list(dict.fromkeys(items))
+    return parse_method_list(text, METHODS)
+
+
+def resolve_draft_model(
+    llm, draft_model: str | None, draft_layers: int | None, stack: contextlib.ExitStack
+) -> tuple[str, str]:
+    """(path, description) of the draft model: `draft_model` as given, else the target's first
+    `draft_layers` (default 8) layers derived into a temp dir that lives as long as `stack`."""
+    if draft_model is not None:
+        return draft_model, draft_model
+    n_layers = draft_layers if draft_layers is not None else DEFAULT_DRAFT_LAYERS
+    target_layers = llm.config.num_layers
+    if n_layers > target_layers:
+        raise ValueError(f"--draft-layers must be <= the target's {target_layers} layers, got {n_layers}")
+    from specserve.model.export import export_truncated
+
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="specserve-draft-"))
+    print(f"deriving a draft model: the target's first {n_layers} layers -> {tmp}", file=sys.stderr)
+    path = export_truncated(llm.model_path, tmp, n_layers)
+    return path, f"the target's first {n_layers} of {target_layers} layers (export_truncated, temp dir)"
 
 
 # ---------------------------------------------------------------- report maths
@@ -104,7 +117,7 @@ class Totals:
     verify_s: float = 0.0
 
     @classmethod
-    def of(cls, records: Iterable[SpecRecord]) -> "Totals":
+    def of(cls, records: Iterable[SpecRecord]) -> Totals:
         t = cls()
         for r in records:
             t.requests += 1
@@ -241,13 +254,13 @@ def format_report(res: SpecBenchResult) -> str:
     rows = [
         (
             "workload",
-            f"Spec-Bench first turns, {plural(len(res.prompts), 'prompt')} ({plural(len(cats), 'category')}), "
-            f"chat template, greedy, up to {res.max_tokens} new tokens (EOS respected), batch size 1",
+            (f"Spec-Bench first turns, {plural(len(res.prompts), 'prompt')} ({plural(len(cats), 'category')}), "
+            f"chat template, greedy, up to {res.max_tokens} new tokens (EOS respected), batch size 1"),
         ),
         (
             "runs",
-            f"{res.warmup} warm-up per method, {plural(res.repetitions, 'repetition')}; per prompt: plain, then "
-            f"{', '.join(res.methods)}; one drafter per method per repetition (state carries across prompts)",
+            (f"{res.warmup} warm-up per method, {plural(res.repetitions, 'repetition')}; per prompt: plain, then "
+            f"{', '.join(res.methods)}; one drafter per method per repetition (state carries across prompts)"),
         ),
         ("draft tokens", f"at most {k} per step, {'adaptive' if res.adaptive else 'fixed'} draft length"),
     ]
@@ -292,8 +305,8 @@ def format_report(res: SpecBenchResult) -> str:
         "",
         "### Per method",
         "",
-        "| method | requests | new tokens | AL | drafted | accepted | acceptance rate | tokens/s | speedup | "
-        "TTFT median | drafting | target forwards | identical to plain |",
+        ("| method | requests | new tokens | AL | drafted | accepted | acceptance rate | tokens/s | speedup | "
+        "TTFT median | drafting | target forwards | identical to plain |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in res.all_methods:
@@ -309,8 +322,8 @@ def format_report(res: SpecBenchResult) -> str:
         )
     lines += [
         "",
-        "drafting / target forwards: share of the wall time spent proposing drafts / in target forwards that "
-        "verify them (decode steps; prefill is in neither).",
+        ("drafting / target forwards: share of the wall time spent proposing drafts / in target forwards that "
+        "verify them (decode steps; prefill is in neither)."),
     ]
 
     positions = {m: position_acceptance(r for r in recs if r.method == m) for m in res.methods}
@@ -429,19 +442,7 @@ def run_spec_bench(
 
         draft_desc = None
         if "draft-model" in names:
-            if draft_model is None:
-                n_layers = draft_layers if draft_layers is not None else DEFAULT_DRAFT_LAYERS
-                target_layers = llm.config.num_layers
-                if n_layers > target_layers:
-                    raise ValueError(f"--draft-layers must be <= the target's {target_layers} layers, got {n_layers}")
-                from specserve.model.export import export_truncated
-
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="specserve-draft-"))
-                print(f"deriving a draft model: the target's first {n_layers} layers -> {tmp}", file=sys.stderr)
-                draft_model = export_truncated(llm.model_path, tmp, n_layers)
-                draft_desc = f"the target's first {n_layers} of {target_layers} layers (export_truncated, temp dir)"
-            else:
-                draft_desc = draft_model
+            draft_model, draft_desc = resolve_draft_model(llm, draft_model, draft_layers, stack)
         specs: dict[str, str | None] = {PLAIN: None}
         for name in names:
             specs[name] = f"draft-model:{draft_model}" if name == "draft-model" else name

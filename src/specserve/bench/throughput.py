@@ -66,6 +66,7 @@ class ThroughputRecord:
     accepted_tokens: int
     preemptions: int
     token_ids: list[int]
+    level_wall_s: float | None = None  # wall time of the whole (method, concurrency, repetition) run
 
 
 @dataclass
@@ -224,7 +225,7 @@ def run_throughput_bench(
                             ThroughputRecord(
                                 method, level, rep, p.question.prompt_id, p.question.category, len(p.token_ids),
                                 len(s.output_ids), m.ttft, m.latency, m.forward_passes, m.drafted_tokens,
-                                m.accepted_tokens, m.preemptions, list(s.output_ids),
+                                m.accepted_tokens, m.preemptions, list(s.output_ids), wall,
                             ),
                         )
                     bar.update()
