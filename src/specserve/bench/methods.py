@@ -134,6 +134,7 @@ class OursRunner:
 
     def generate(self, prompt_ids: list[int], max_tokens: int, ignore_eos: bool) -> Generation:
         self.llm.use_spec(self.setup)
+        self.llm.reset_prefix_cache()  # every method prefills the whole prompt (as llama.cpp's runner does)
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)  # greedy
         started = time.perf_counter()
         out = self.llm.generate([prompt_ids], params)[0]
