@@ -17,6 +17,14 @@ def cache(num_blocks: int = 32, slots: int = 4) -> KVCache:
     return KVCache(1, slots, num_blocks * B, 1, 4, torch.float32, "cpu", block_size=B, num_blocks=num_blocks)
 
 
+def committed(kv: KVCache, tokens: list[int]) -> int:
+    """A new slot holding `tokens`, its full blocks registered in the prefix cache."""
+    slot = kv.allocate()
+    assert kv.ensure(slot, len(tokens))
+    kv.commit(slot, len(tokens), tokens)
+    return slot
+
+
 def test_runs_follow_the_block_table():
     kv = cache()
     slot = kv.allocate()
@@ -36,10 +44,7 @@ def test_a_rerun_after_a_prefix_hit_stays_consecutive():
     grows into it rather than jumping elsewhere, so attention still reads one view."""
     kv = cache()
     tokens = list(range(100))
-    a = kv.allocate()
-    assert kv.ensure(a, len(tokens))
-    kv.commit(a, len(tokens), tokens)
-    kv.free(a)  # all six full blocks stay cached
+    kv.free(committed(kv, tokens))  # all six full blocks stay cached
     b = kv.allocate()
     matched = kv.match_prefix(b, tokens)
     assert matched == 96
@@ -51,9 +56,7 @@ def test_a_rerun_after_a_prefix_hit_stays_consecutive():
 def test_shared_prefix_blocks_are_never_taken_for_growth():
     kv = cache()
     tokens = list(range(64))
-    a = kv.allocate()
-    assert kv.ensure(a, 64)
-    kv.commit(a, 64, tokens)
+    a = committed(kv, tokens)
     b = kv.allocate()
     assert kv.match_prefix(b, tokens + [7] * 20) == 64
     assert kv.ensure(b, 84)
@@ -104,13 +107,8 @@ def test_view_runs_and_gather_reads_agree(monkeypatch):
 def test_reset_prefix_cache_frees_cached_blocks_and_forgets_keys():
     kv = cache()
     tokens = list(range(64))
-    a = kv.allocate()
-    assert kv.ensure(a, 64)
-    kv.commit(a, 64, tokens)
-    b = kv.allocate()
-    assert kv.ensure(b, 32)
-    kv.commit(b, 32, [9] * 32)
-    kv.free(b)  # two cached blocks nobody holds
+    a = committed(kv, tokens)
+    kv.free(committed(kv, [9] * 32))  # two cached blocks nobody holds
     free_before = kv.num_free_blocks
     assert kv.reset_prefix_cache() == 2
     assert kv.num_free_blocks == free_before  # they were takeable before, and still are
