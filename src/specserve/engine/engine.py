@@ -23,7 +23,7 @@ from specserve.sampling.sampler import compute_logprobs, sample
 from specserve.sampling.verifier import inverse_cdf, target_distributions, verify
 from specserve.spec.base import Drafter, DraftProposal, SequenceView
 from specserve.spec.policy import FixedSpecPolicy, SpecPolicy
-from specserve.spec.tree import ancestor_mask, walk
+from specserve.spec.tree import ancestor_mask, draft_levels, walk
 from specserve.spec.tree import depths as tree_depths
 
 
@@ -296,7 +296,7 @@ class Engine:
                 m.drafted_tokens += len(d)
                 m.accepted_tokens += n_acc
                 # per draft position; in a tree, per depth (drafted when some node lies there)
-                _count_positions(m.drafted_per_position, len(d) if parents is None else max(tree_depths(parents), default=0))
+                _count_positions(m.drafted_per_position, draft_levels(d, parents))
                 _count_positions(m.accepted_per_position, n_acc)
             self.cache.commit(seq.slot, seq.num_cached)
             seq.metrics.forward_passes += 1
@@ -305,7 +305,7 @@ class Engine:
                 self.cache.commit(seq.slot, seq.num_cached, seq.all_ids)  # full blocks join the prefix cache
         if self.drafter is not None:
             # finished sequences were already released by the drafter and the policy
-            levels = [len(d) if p is None else max(tree_depths(p), default=0) for d, p in zip(drafts, proposal.parents)]
+            levels = [draft_levels(d, p) for d, p in zip(drafts, proposal.parents)]
             live = [(s, n, t) for s, n, t in zip(decoding, levels, emitted) if not s.finished]
             if live:
                 self.drafter.observe([self._view(s) for s, _, _ in live], [len(t) - 1 for _, _, t in live])

@@ -46,8 +46,9 @@ def depths(parents: Sequence[int]) -> list[int]:
     return out
 
 
-def chain_parents(k: int) -> list[int]:
-    return list(range(-1, k - 1))
+def draft_levels(tokens: Sequence[int], parents: Sequence[int] | None) -> int:
+    """Draft positions a proposal covers: its length for a chain, its depth for a tree."""
+    return len(tokens) if parents is None else max(depths(parents), default=0)
 
 
 def ancestor_mask(parents: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
