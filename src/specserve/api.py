@@ -21,7 +21,15 @@ from specserve.engine.runner import ModelRunner
 from specserve.engine.sequence import RequestMetrics, Sequence, TokenLogprob
 from specserve.model.loader import build_model, default_model_path, read_checkpoint
 from specserve.sampling.params import SamplingParams
-from specserve.spec import AdaptiveSpecPolicy, Drafter, FixedSpecPolicy, SpecPolicy, make_drafter, measure_forward_cost
+from specserve.spec import (
+    AdaptiveSpecPolicy,
+    Drafter,
+    FixedSpecPolicy,
+    ForwardCost,
+    SpecPolicy,
+    make_drafter,
+    measure_forward_cost,
+)
 
 Prompt = Union[str, list[int]]
 Messages = list[dict[str, Any]]
@@ -178,8 +186,7 @@ class LLM:
         runner = self.engine.runner
         drafter = make_drafter(spec, runner, self.tokenizer, num_spec_tokens, self.max_num_seqs)
         if adaptive:
-            table = self._forward_cost(min(256, self.engine.max_num_batched_tokens))
-            policy: SpecPolicy = AdaptiveSpecPolicy(num_spec_tokens, table)
+            policy: SpecPolicy = AdaptiveSpecPolicy(num_spec_tokens, self._forward_cost(num_spec_tokens + 1))
         else:
             policy = FixedSpecPolicy(num_spec_tokens)
         return SpecSetup(spec, num_spec_tokens, drafter, policy)
@@ -191,12 +198,13 @@ class LLM:
         self.spec, self.num_spec_tokens = setup.spec, setup.num_spec_tokens
         self.engine.drafter, self.engine.policy = setup.drafter, setup.policy
 
-    def _forward_cost(self, max_tokens: int) -> list[float]:
-        """Measured target forward time for 1..max_tokens tokens (cached per size)."""
+    def _forward_cost(self, max_tokens: int) -> ForwardCost:
+        """Measured target forward time by batch shape, up to `max_tokens` per sequence
+        (measured once per size)."""
         cached = getattr(self, "_cost_table", None)
-        if cached is None or len(cached) < max_tokens:
-            self._cost_table = measure_forward_cost(self.engine.runner, max_tokens)
-        return self._cost_table[:max_tokens]
+        if cached is None or cached.tokens[-1] < max_tokens:
+            self._cost_table = measure_forward_cost(self.engine.runner, self.engine.runner.cache.num_slots, max_tokens)
+        return self._cost_table
 
     # ------------------------------------------------------------------ inputs
 

@@ -9,7 +9,7 @@ import torch
 from specserve.cache.kv_cache import KVCache
 from specserve.engine.runner import ForwardItem, ModelRunner
 from specserve.spec.base import DraftProposal, Drafter, SequenceView
-from specserve.spec.policy import AdaptiveSpecPolicy, FixedSpecPolicy, SpecPolicy
+from specserve.spec.policy import AdaptiveSpecPolicy, FixedSpecPolicy, ForwardCost, SpecPolicy
 
 SPEC_METHODS = ("ngram", "suffix", "draft-model:PATH", "layer-skip[:L1,L2,...]")
 
@@ -20,6 +20,7 @@ __all__ = [
     "SpecPolicy",
     "AdaptiveSpecPolicy",
     "FixedSpecPolicy",
+    "ForwardCost",
     "SPEC_METHODS",
     "make_drafter",
     "measure_forward_cost",
@@ -68,33 +69,43 @@ def make_drafter(
 
 
 @torch.inference_mode()
-def measure_forward_cost(runner: ModelRunner, max_tokens: int, context: int = 128, reps: int = 3) -> list[float]:
-    """Target forward time (seconds, median of `reps`) for 1..max_tokens new tokens.
+def measure_forward_cost(
+    runner: ModelRunner, max_seqs: int, max_tokens: int, context: int = 128, reps: int = 2
+) -> ForwardCost:
+    """Target forward time by batch shape (best of `reps` after a warm-up), for up to
+    `max_seqs` sequences of up to `max_tokens` tokens each, every row's logits kept.
 
-    Measured at a few sizes on a scratch cache and interpolated linearly.
+    Measured on a scratch cache whose sequences hold `context` zeroed tokens each, at
+    sequence counts 1, 2, 4, ... and token counts 1, 2, 3, 5, 9, ... (1 + a power of 2).
     """
     model = runner.model
     cfg = model.config
     max_tokens = max(1, min(max_tokens, model.max_len - 2))  # a small context limit caps the probe
     context = max(1, min(context, model.max_len - max_tokens - 1))
+    seqs = sorted({1 << i for i in range(max_seqs.bit_length()) if 1 << i <= min(max_seqs, 32)})
+    tokens = sorted({1} | {1 + (1 << i) for i in range(max_tokens.bit_length()) if 1 + (1 << i) <= max_tokens} | {max_tokens})
     kv = runner.cache.k[0]
-    scratch = KVCache(cfg.num_layers, 1, context + max_tokens + 1, cfg.num_kv_heads, cfg.head_dim, kv.dtype, kv.device)
+    length = context + max_tokens
+    scratch = KVCache(cfg.num_layers, seqs[-1], length, cfg.num_kv_heads, cfg.head_dim, kv.dtype, kv.device)
+    for t in (*scratch.k, *scratch.v):
+        t.zero_()
     probe = ModelRunner(model, scratch)
-    slot = scratch.allocate()
-    probe.forward([ForwardItem(slot, 0, [1] * context)])
-    sizes = sorted({1 << i for i in range(max_tokens.bit_length()) if 1 << i <= max_tokens} | {max_tokens})
-    measured: dict[int, float] = {}
-    for n in sizes:
-        times = []
-        for _ in range(reps + 1):
-            t0 = time.perf_counter()
-            probe.forward([ForwardItem(slot, context, [1] * n)])
-            times.append(time.perf_counter() - t0)
-        measured[n] = sorted(times[1:])[len(times[1:]) // 2]
-    costs = []
-    for n in range(1, max_tokens + 1):
-        lo = max(s for s in sizes if s <= n)
-        hi = min(s for s in sizes if s >= n)
-        w = 0.0 if hi == lo else (n - lo) / (hi - lo)
-        costs.append(measured[lo] * (1 - w) + measured[hi] * w)
-    return costs
+    slots = [scratch.allocate() for _ in range(seqs[-1])]
+    for slot in slots:
+        scratch.ensure(slot, length)
+        scratch.commit(slot, context)
+    table = []
+    for s in seqs:
+        row = []
+        for n in tokens:
+            items = [ForwardItem(slot, context, [1] * n, logits_from=0) for slot in slots[:s]]
+            times = []
+            for _ in range(reps + 1):
+                t0 = time.perf_counter()
+                probe.forward(items)
+                if kv.device.type == "cuda":
+                    torch.cuda.synchronize(kv.device)
+                times.append(time.perf_counter() - t0)
+            row.append(min(times[1:]))
+        table.append(tuple(row))
+    return ForwardCost(tuple(seqs), tuple(tokens), tuple(table))

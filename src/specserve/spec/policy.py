@@ -5,12 +5,15 @@ speculation, SmartSpec/TETRIS style). Per sequence it keeps a decayed estimate o
 per-token acceptance probability `a_i`, so the j-th draft token of sequence i is
 accepted with probability `a_i^j`. The step's cost is modelled as
 
-    t(K) = f(N + K) + c * S + K * t_draft
+    t(K) = s * f(S, N + K) + K * t_draft
 
-with `f(n)` the target forward time over n tokens (measured at start-up), N the tokens
-the step runs anyway (one per decoding sequence plus prefill chunks), S the number of
-sequences, `c` a per-sequence overhead learned from measured step times, and `t_draft`
-the drafting time per token. The plan adds draft tokens in order of acceptance
+with `f(S, n)` the target forward time of S sequences holding n tokens in all, every
+row's logits kept as verification needs them (a table measured at start-up over batch
+shapes: the cost of a draft token depends on the batch, since each sequence's query
+rows attend over its own context), N the tokens the step runs anyway (one per decoding
+sequence plus prefill chunks), `s` a correction learned from measured step times
+(longer contexts, scheduling, verification) and `t_draft` the drafting time per token.
+The plan adds draft tokens in order of acceptance
 probability and keeps the count K that maximises goodput
 
     (S + sum of the chosen a_i^j) / t(K)
@@ -61,6 +64,52 @@ class FixedSpecPolicy:
         pass
 
 
+@dataclass(frozen=True)
+class ForwardCost:
+    """Target forward time by batch shape: `seconds[i][j]` for `seqs[i]` sequences of
+    `tokens[j]` tokens each (both grids ascending, starting at 1).
+
+    Between grid points it interpolates linearly; past the last token count it
+    extrapolates the last slope, past the last sequence count it scales proportionally.
+    """
+
+    seqs: tuple[int, ...]
+    tokens: tuple[int, ...]
+    seconds: tuple[tuple[float, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not self.seqs or not self.tokens or self.seqs[0] != 1 or self.tokens[0] != 1:
+            raise ValueError("a forward cost table needs grids starting at 1 sequence and 1 token")
+        if list(self.seqs) != sorted(set(self.seqs)) or list(self.tokens) != sorted(set(self.tokens)):
+            raise ValueError("forward cost grids must be strictly ascending")
+        if len(self.seconds) != len(self.seqs) or any(len(row) != len(self.tokens) for row in self.seconds):
+            raise ValueError("forward cost table shape does not match its grids")
+
+    @classmethod
+    def flat(cls, seconds: float) -> ForwardCost:
+        """The same time for any batch (a forward that costs nothing more per token)."""
+        return cls((1,), (1,), ((seconds,),))
+
+    def _row(self, i: int, per_seq: float) -> float:
+        grid, row = self.tokens, self.seconds[i]
+        if len(grid) == 1:
+            return row[0]
+        j = next((j for j in range(1, len(grid)) if grid[j] >= per_seq), len(grid) - 1)
+        w = (per_seq - grid[j - 1]) / (grid[j] - grid[j - 1])
+        return max(row[j - 1] + w * (row[j] - row[j - 1]), row[0])
+
+    def __call__(self, num_seqs: int, num_tokens: int) -> float:
+        """Forward time of `num_seqs` sequences with `num_tokens` tokens in all."""
+        num_seqs = max(num_seqs, 1)
+        per_seq = max(num_tokens / num_seqs, 1.0)
+        grid = self.seqs
+        if num_seqs >= grid[-1]:
+            return self._row(len(grid) - 1, per_seq) * num_seqs / grid[-1]
+        i = next(i for i in range(1, len(grid)) if grid[i] >= num_seqs)
+        w = (num_seqs - grid[i - 1]) / (grid[i] - grid[i - 1])
+        return (1 - w) * self._row(i - 1, per_seq) + w * self._row(i, per_seq)
+
+
 @dataclass
 class _Stats:
     accepted: float
@@ -71,16 +120,15 @@ class _Stats:
 class AdaptiveSpecPolicy:
     """Load-aware draft lengths from acceptance history and a measured cost model.
 
-    `verify_cost[n - 1]` is the target forward time for n tokens (seconds), linearly
-    extrapolated past its end; `draft_cost` the drafting time per token (seconds) and
-    `seq_overhead` the step time per sequence beyond the forward, both updated from
-    measurements.
+    `verify_cost` is the measured target forward time by batch shape; `draft_cost` the
+    drafting time per token (seconds) and `scale` the ratio of measured step time
+    (drafting excluded) to the table's, both updated from measurements.
     """
 
     max_k: int
-    verify_cost: list[float]
+    verify_cost: ForwardCost
     draft_cost: float = 0.0
-    seq_overhead: float = 0.0
+    scale: float = 1.0
     prior_acceptance: float = 0.6
     prior_weight: float = 4.0
     decay: float = 0.9
@@ -94,8 +142,8 @@ class AdaptiveSpecPolicy:
     def __post_init__(self) -> None:
         if self.max_k < 0:
             raise ValueError(f"max_k must be >= 0, got {self.max_k}")
-        if not self.verify_cost:
-            raise ValueError("verify_cost needs at least one entry")
+        if not isinstance(self.verify_cost, ForwardCost):
+            raise TypeError(f"verify_cost must be a ForwardCost, got {type(self.verify_cost).__name__}")
 
     def acceptance(self, request_id: str) -> float:
         st = self._stats.get(request_id)
@@ -103,16 +151,8 @@ class AdaptiveSpecPolicy:
             return self.prior_acceptance
         return st.accepted / max(st.accepted + st.rejected, 1e-9)
 
-    def forward_cost(self, n: int) -> float:
-        """Target forward time over n tokens (n >= 1)."""
-        table = self.verify_cost
-        if n <= len(table):
-            return table[max(n, 1) - 1]
-        slope = (table[-1] - table[len(table) // 2 - 1]) / (len(table) - len(table) // 2) if len(table) > 1 else 0.0
-        return table[-1] + (n - len(table)) * max(slope, 0.0)
-
     def _step_cost(self, base_tokens: int, num_seqs: int, drafts: int) -> float:
-        return self.forward_cost(base_tokens + drafts) + self.seq_overhead * num_seqs + drafts * self.draft_cost
+        return self.scale * self.verify_cost(num_seqs, base_tokens + drafts) + drafts * self.draft_cost
 
     def plan(self, acceptances: list[float], base_tokens: int) -> list[int]:
         """Draft lengths maximising expected tokens per second for one step."""
@@ -166,12 +206,12 @@ class AdaptiveSpecPolicy:
             self._draft_samples += 1
 
     def observe_step(self, num_seqs: int, num_tokens: int, seconds: float) -> None:
-        """Learn the per-sequence step overhead from a measured step."""
+        """Learn the ratio of measured to tabled step time from a measured step."""
         drafting, self._step_draft_time = self._step_draft_time, 0.0
         if num_seqs <= 0:
             return
-        per_seq = max(0.0, seconds - drafting - self.forward_cost(num_tokens)) / num_seqs
-        self.seq_overhead = per_seq if self._step_samples == 0 else 0.9 * self.seq_overhead + 0.1 * per_seq
+        ratio = min(max((seconds - drafting) / self.verify_cost(num_seqs, num_tokens), 0.25), 4.0)
+        self.scale = ratio if self._step_samples == 0 else 0.9 * self.scale + 0.1 * ratio
         self._step_samples += 1
 
     def release(self, request_id: str) -> None:

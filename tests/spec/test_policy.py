@@ -1,0 +1,85 @@
+"""Load-aware draft lengths: the batch-shape cost table and the plan built on it."""
+
+import pytest
+
+from specserve.spec.policy import AdaptiveSpecPolicy, ForwardCost
+
+
+def linear_cost(seqs=(1, 2, 4, 8, 16), tokens=(1, 2, 3, 5, 9), base=0.02, per_seq=0.002, per_row=0.0):
+    """A cost table with a fixed part, a per-sequence part and a per-row part."""
+    return ForwardCost(
+        seqs, tokens, tuple(tuple(base + per_seq * s + per_row * s * t for t in tokens) for s in seqs)
+    )
+
+
+def test_forward_cost_interpolates_and_extrapolates():
+    cost = linear_cost(per_row=0.001)
+    exact = lambda s, n: 0.02 + 0.002 * s + 0.001 * n  # noqa: E731
+    for s, n in [(1, 1), (4, 12), (16, 144), (3, 3), (3, 7), (12, 30), (1, 4)]:
+        assert cost(s, n) == pytest.approx(exact(s, n))
+    assert cost(1, 40) == pytest.approx(exact(1, 40))  # past the last token count: the last slope
+    assert cost(32, 32) == pytest.approx(2 * cost(16, 16))  # past the last sequence count: proportional
+    assert cost(4, 2) == pytest.approx(cost(4, 4))  # fewer tokens than sequences: one row each
+
+
+def test_forward_cost_rejects_bad_grids():
+    with pytest.raises(ValueError):
+        ForwardCost((2,), (1,), ((0.1,),))
+    with pytest.raises(ValueError):
+        ForwardCost((1, 1), (1,), ((0.1,), (0.1,)))
+    with pytest.raises(ValueError):
+        ForwardCost((1,), (1, 2), ((0.1,),))
+    with pytest.raises(TypeError):
+        AdaptiveSpecPolicy(4, [0.1, 0.2])
+
+
+def test_flat_forward_drafts_the_most_and_steep_forward_drafts_nothing():
+    flat = AdaptiveSpecPolicy(8, ForwardCost.flat(0.025))
+    assert flat.plan([0.6] * 4, 4) == [8] * 4
+    steep = AdaptiveSpecPolicy(8, linear_cost(base=0.0, per_seq=0.0, per_row=0.01))  # every row costs the same
+    assert steep.plan([0.6] * 4, 4) == [0] * 4
+
+
+def test_drafts_shrink_as_the_batch_grows():
+    # cheap extra rows for one sequence, dearer ones per sequence as the batch fills the machine
+    seqs, tokens = (1, 2, 4, 8, 16), (1, 2, 3, 5, 9)
+    table = tuple(tuple(0.025 + 0.0005 * s * (t - 1) * s for t in tokens) for s in seqs)
+    policy = AdaptiveSpecPolicy(8, ForwardCost(seqs, tokens, table))
+    per_seq = [sum(policy.plan([0.6] * s, s)) / s for s in seqs]
+    assert per_seq[0] >= 3
+    assert per_seq == sorted(per_seq, reverse=True)
+    assert per_seq[-1] < 1
+
+
+def test_better_acceptance_gets_more_drafts():
+    policy = AdaptiveSpecPolicy(8, linear_cost(per_row=0.0004))
+    ks = policy.plan([0.9, 0.5, 0.1, 0.7], 4)
+    assert ks[0] >= ks[3] >= ks[1] >= ks[2]
+    assert ks[0] > ks[2]
+
+
+def test_step_times_teach_the_scale_and_drafting_costs_count():
+    cost = linear_cost(per_row=0.001)
+    policy = AdaptiveSpecPolicy(8, cost)
+    for _ in range(50):
+        policy.observe_draft_time(0.001, 10)
+        policy.observe_step(4, 8, 2 * cost(4, 8) + 0.001)
+    assert policy.scale == pytest.approx(2.0, rel=0.01)
+    assert policy.draft_cost == pytest.approx(1e-4)
+    # dear drafting makes the plan smaller
+    cheap = sum(policy.plan([0.7] * 4, 4))
+    policy.draft_cost = 0.05
+    assert sum(policy.plan([0.7] * 4, 4)) < cheap
+
+
+def test_acceptance_history_moves_the_plan_and_idle_sequences_are_probed():
+    policy = AdaptiveSpecPolicy(4, linear_cost(per_row=0.004), probe_every=3)
+    for _ in range(30):
+        policy.update("bad", 4, 0)
+        policy.update("good", 4, 4)
+    assert policy.acceptance("good") > 0.9 > 0.1 > policy.acceptance("bad")
+    plans = [policy.budgets(["good", "bad"], 2) for _ in range(3)]
+    assert all(p[0] > 0 for p in plans)
+    assert [p[1] for p in plans] == [0, 0, 1]  # the third idle step probes with one draft
+    policy.release("bad")
+    assert policy.acceptance("bad") == policy.prior_acceptance
