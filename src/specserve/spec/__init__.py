@@ -8,20 +8,20 @@ import torch
 
 from specserve.cache.kv_cache import KVCache
 from specserve.engine.runner import ForwardItem, ModelRunner
-from specserve.spec.base import DraftProposal, Drafter, SequenceView
+from specserve.spec.base import Drafter, DraftProposal, SequenceView
 from specserve.spec.policy import AdaptiveSpecPolicy, FixedSpecPolicy, ForwardCost, SpecPolicy
 
 SPEC_METHODS = ("ngram", "suffix", "draft-model:PATH", "layer-skip[:L1,L2,...]")
 
 __all__ = [
+    "SPEC_METHODS",
+    "AdaptiveSpecPolicy",
     "DraftProposal",
     "Drafter",
-    "SequenceView",
-    "SpecPolicy",
-    "AdaptiveSpecPolicy",
     "FixedSpecPolicy",
     "ForwardCost",
-    "SPEC_METHODS",
+    "SequenceView",
+    "SpecPolicy",
     "make_drafter",
     "measure_forward_cost",
 ]
