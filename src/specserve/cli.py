@@ -112,7 +112,8 @@ def build_parser() -> ArgumentParser:
     add(
         "--spec",
         metavar="METHOD",
-        help="speculative decoding: ngram, suffix, draft-model:PATH or layer-skip[:L1,L2,...] (default: off)",
+        help="speculative decoding: ngram, suffix, draft-model:PATH, layer-skip[:L1,L2,...] or eagle[:DIR] "
+        "(default: off)",
     )
     add(
         "--num-spec-tokens",
@@ -143,6 +144,27 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--layers", type=_count(1), required=True, metavar="N", help="layers to keep")
     d.add_argument("--out", required=True, metavar="DIR", help="output directory")
     d.set_defaults(func=cmd_make_draft, parser=d)
+
+    t = commands.add_parser(
+        "train-drafter",
+        help="train an EAGLE draft head for a target by self-distillation",
+        description="Synthesize prompts (no Spec-Bench question), let the target answer them, and train an "
+        "EAGLE head on its features and tokens. Data and a checkpoint per epoch are kept in --out, so a stopped "
+        "run resumes. Use the result with --spec eagle:DIR.",
+    )
+    add = t.add_argument
+    add("--target", metavar="PATH", help="the target (.gguf or HF directory; default: SmolLM2-135M-Instruct)")
+    add("--kind", choices=("eagle",), default="eagle", help="the head to train (default: eagle)")
+    add("--out", required=True, metavar="DIR", help="output directory (data, checkpoint, head)")
+    add("--dtype", choices=DTYPE_CHOICES, help="dtype of the target while it writes the data (default: bfloat16 where the hardware has it)")
+    add("--prompts", type=_count(8), default=640, metavar="N", help="synthesized prompts (default: 640, plus 30%% passage tasks)")
+    add("--max-tokens", type=_count(16), default=256, metavar="N", help="most tokens per answer (default: 256)")
+    add("--epochs", type=_count(1), default=6, metavar="E", help="passes over the data (default: 6)")
+    add("--batch-size", type=_count(1), default=8, metavar="B", help="sequences per step (default: 8)")
+    add("--lr", type=_number, default=1e-3, metavar="LR", help="peak learning rate, > 0 (default: 1e-3)")
+    add("--draft-vocab", type=_count(16), default=8192, metavar="V", help="draft vocabulary size (default: 8192)")
+    add("--seed", type=int, default=0, metavar="S", help="prompt synthesis and training seed (default: 0)")
+    t.set_defaults(func=cmd_train_drafter, parser=t)
 
     b = commands.add_parser("bench", help="benchmarks", description="Benchmarks on the Spec-Bench questions.")
     kinds = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -260,6 +282,9 @@ def _check_spec(parser: ArgumentParser, spec: str | None) -> None:
     elif name == "layer-skip":
         if colon and not all(x.strip().isdigit() for x in arg.split(",")):
             parser.error(f"--spec: layer-skip takes a comma-separated list of layer indices, got {arg!r}")
+    elif name == "eagle":
+        if colon and not os.path.isdir(arg):
+            parser.error(f"--spec: eagle head directory does not exist: {arg}")
     else:
         parser.error(f"--spec: unknown method {spec!r}; choose one of {choices}")
 
@@ -423,6 +448,30 @@ def cmd_make_draft(parser: ArgumentParser, args: argparse.Namespace) -> int:
         out = export_truncated(source, args.out, args.layers)
     except ValueError as exc:
         parser.error(str(exc) if "--layers" in str(exc) else f"--model: {exc}")
+    print(out)
+    return 0
+
+
+def cmd_train_drafter(parser: ArgumentParser, args: argparse.Namespace) -> int:
+    if args.target is not None and not os.path.exists(args.target):
+        parser.error(f"--target: path does not exist: {args.target}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out: not a directory: {args.out}")
+    from specserve.api import LLM
+    from specserve.spec.train import TrainConfig, train_eagle
+
+    try:
+        llm = LLM(args.target, dtype=args.dtype, max_num_seqs=32, max_model_len=2048)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        parser.error(f"--target: cannot load {args.target or 'the default model'}: {exc}")
+    cfg = TrainConfig(prompts=args.prompts, max_tokens=args.max_tokens, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=float(args.lr), draft_vocab=args.draft_vocab, seed=args.seed)
+    try:
+        out = train_eagle(llm, args.out, cfg, log=lambda line: print(line, file=sys.stderr))
+    except ValueError as exc:
+        parser.error(f"--target: {_one_line(exc)}")
     print(out)
     return 0
 

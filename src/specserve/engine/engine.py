@@ -268,12 +268,16 @@ class Engine:
                 self._preempt(self.running[-1])
             return []
         t0 = time.perf_counter()
-        logits, _ = self.runner.forward(items)
+        feeds = self.drafter is not None and getattr(self.drafter, "wants_hidden", False)
+        logits, hidden = self.runner.forward(items, all_hidden=feeds)
+        row_of = dict(zip((it.slot for it in items), itertools.accumulate((len(it.token_ids) for it in items), initial=0)))
         draft_probs = proposal.probs + [None] * (len(sampled) - len(decoding))
         emitted, paths = self._verify(sampled, sampled_drafts, draft_probs, logits, sampled_parents)
         verify_time = time.perf_counter() - t0
         now = time.perf_counter()
         for seq, n in chunks:
+            if feeds:
+                self._feed_hidden(seq, seq.num_cached, hidden, range(row_of[seq.slot], row_of[seq.slot] + n))
             seq.num_cached += n
             self.cache.commit(seq.slot, seq.num_cached, seq.all_ids)
         for seq, d, parents, tokens, path in zip(sampled, sampled_drafts, sampled_parents, emitted, paths):
@@ -284,12 +288,15 @@ class Engine:
                 src = [seq.num_cached + 1 + j for j in path]
                 dst = list(range(seq.num_cached + 1, seq.num_cached + 1 + len(path)))
                 self.cache.move(seq.slot, src, dst)
+            start, base = seq.num_cached, row_of[seq.slot]
             if seq.status is Status.PREFILL:
+                fed = range(base, base + seq.num_tokens - seq.num_cached)
                 seq.num_cached = seq.num_tokens
                 seq.status = Status.DECODE
                 if seq.metrics.first_token_time is None:
                     seq.metrics.first_token_time = now
             else:
+                fed = [base] + [base + 1 + j for j in (path if path is not None else range(n_acc))]
                 seq.num_cached += 1 + n_acc  # the fed token and the accepted drafts; the rest rolls back
                 m = seq.metrics
                 m.verify_time += verify_time
@@ -303,6 +310,8 @@ class Engine:
             self.append_tokens(seq, tokens)
             if seq.slot is not None:
                 self.cache.commit(seq.slot, seq.num_cached, seq.all_ids)  # full blocks join the prefix cache
+            if feeds and not seq.finished:
+                self._feed_hidden(seq, start, hidden, fed)
         if self.drafter is not None:
             # finished sequences were already released by the drafter and the policy
             levels = [draft_levels(d, p) for d, p in zip(drafts, proposal.parents)]
@@ -313,6 +322,12 @@ class Engine:
                 self.policy.update(seq.request_id, n, len(tokens) - 1)
         self.policy.observe_step(len(items), sum(len(it.token_ids) for it in items), time.perf_counter() - step_start)
         return sampled
+
+    def _feed_hidden(self, seq: Sequence, start: int, hidden: torch.Tensor, rows) -> None:
+        """Hand a feature-reading drafter the target's hidden rows of the tokens just
+        cached at positions start, start + 1, ... (prefill chunks, accepted drafts)."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=hidden.device)
+        self.drafter.take_hidden(seq.request_id, start, hidden.index_select(0, index))
 
     def _view(self, seq: Sequence) -> SequenceView:
         return SequenceView(seq.request_id, seq.all_ids, len(seq.prompt_ids), seq.params, seq.slot, seq.generator)

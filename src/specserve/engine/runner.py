@@ -32,11 +32,15 @@ class ModelRunner:
         self.sliding_window = cfg.sliding_window if any(cfg.sliding_layers) else None
 
     @torch.inference_mode()
-    def forward(self, items: list[ForwardItem], layer_mask: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, items: list[ForwardItem], layer_mask: list[bool] | None = None, all_hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the target over all items; K/V land in the cache at each item's cache_start.
 
         Returns (logits `[R, vocab]` fp32, hidden `[R, hidden]`) for the requested rows,
-        in item order. The caller commits cache lengths once it knows what was accepted.
+        in item order; with `all_hidden`, hidden holds every token's row `[T, hidden]`
+        (a trained drafter reads the target's features). The caller commits cache
+        lengths once it knows what was accepted.
         """
         ids: list[int] = []
         positions: list[int] = []
@@ -63,6 +67,7 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, meta, self.cache, layer_mask)
-        if len(rows) != len(ids):
-            hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
-        return self.model.compute_logits(hidden), hidden
+        if len(rows) == len(ids):
+            return self.model.compute_logits(hidden), hidden
+        picked = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        return self.model.compute_logits(picked), hidden if all_hidden else picked

@@ -81,6 +81,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 MAX_READ_RUNS = 8
 
 
+@dataclass(frozen=True)
+class CausalBatch:
+    """Training-time attention: `batch` sequences of `length` tokens each, flattened
+    row by row, causal, with no KV cache (a draft head learns with it)."""
+
+    batch: int
+    length: int
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: Attention) -> torch.Tensor:
+        B, L, D = self.batch, self.length, attn.head_dim
+        out = F.scaled_dot_product_attention(
+            q.reshape(attn.num_heads, B, L, D).transpose(0, 1),
+            k.reshape(attn.num_kv_heads, B, L, D).transpose(0, 1),
+            v.reshape(attn.num_kv_heads, B, L, D).transpose(0, 1),
+            is_causal=True,
+            scale=attn.scale,
+            enable_gqa=attn.num_heads != attn.num_kv_heads,
+        )  # [B, Hq, L, D]
+        return out.transpose(1, 2).reshape(B * L, attn.q_size)
+
+
 @dataclass
 class AttentionMetadata:
     """Where the tokens of a flattened batch go.
@@ -214,6 +235,8 @@ class Attention(nn.Module):
 
         Kept out of `torch.compile` graphs: it loops over the sequences of the batch.
         """
+        if isinstance(meta, CausalBatch):
+            return meta.attend(q, k, v, self)
         T = q.shape[1]
         out_dtype = q.dtype
         q = q.to(k_cache.dtype)  # the cache may keep a wider dtype than the weights

@@ -11,7 +11,7 @@ from specserve.engine.runner import ForwardItem, ModelRunner
 from specserve.spec.base import Drafter, DraftProposal, SequenceView
 from specserve.spec.policy import AdaptiveSpecPolicy, FixedSpecPolicy, ForwardCost, SpecPolicy
 
-SPEC_METHODS = ("ngram", "suffix", "draft-model:PATH", "layer-skip[:L1,L2,...]")
+SPEC_METHODS = ("ngram", "suffix", "draft-model:PATH", "layer-skip[:L1,L2,...]", "eagle[:DIR]")
 
 __all__ = [
     "SPEC_METHODS",
@@ -65,6 +65,13 @@ def make_drafter(
             except ValueError as exc:
                 raise ValueError(f"layer-skip takes a comma-separated list of layer indices, got {arg!r}") from exc
         return LayerSkipDrafter(runner, skip, tokenizer)
+    if name == "eagle":
+        from specserve.spec.eagle import DEFAULT_EAGLE, EagleDrafter, load_head
+
+        if not arg and not (DEFAULT_EAGLE / "head.safetensors").is_file():
+            raise ValueError("no packaged EAGLE head: train one with `specserve train-drafter` and use eagle:DIR")
+        head = load_head(arg or DEFAULT_EAGLE, model)
+        return EagleDrafter(head, runner.cache.num_slots, runner.cache.max_len)
     raise ValueError(f"unknown spec {spec!r}; choose one of {', '.join(SPEC_METHODS)}")
 
 

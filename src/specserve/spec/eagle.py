@@ -1,0 +1,384 @@
+"""EAGLE-style draft head: one decoder layer over the target's own features.
+
+For position i the head reads the target's final hidden state f_i (after its final
+norm) and the embedding of the next token t_{i+1}, and predicts f_{i+1}. The target's
+LM head restricted to a draft vocabulary (the tokens the target emitted most in the
+training data, FR-Spec style: on a CPU the full LM head would dominate a small
+drafter) turns a predicted feature into draft logits.
+
+Drafting runs the head autoregressively at the feature level and grows a token tree by
+cumulative draft log-probability (EAGLE-2): the `top_k` children of the root, then at
+each depth the `top_k` best new nodes get their `top_k` best children, and the
+`budget` best nodes of all depths (a tree, since a child never scores above its
+parent) are proposed. The target verifies the tree in one forward; the engine walks it
+with the target's own tokens, so the output is exactly plain decoding's.
+
+The head keeps a small KV cache per sequence slot (one layer). Its entries come from
+the target's features, which the engine hands over with `take_hidden` after each
+forward (prefill chunks and accepted tokens); draft nodes are written after the real
+entries as scratch and never committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from specserve.config import ModelConfig
+from specserve.model.layers import AttentionMetadata, DecoderLayer, RMSNorm
+from specserve.spec.base import DraftProposal, SequenceView
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "head.safetensors"
+PACKAGED_HEADS = Path(__file__).resolve().parent.parent / "heads"
+DEFAULT_EAGLE = PACKAGED_HEADS / "smollm2-135m-instruct-eagle"
+
+
+def lm_head_weight(target: Any) -> torch.Tensor:
+    """The target's LM head matrix `[vocab, hidden]` (the embedding when tied)."""
+    if target.config.tie_word_embeddings:
+        return target.embed_tokens.weight
+    weight = getattr(target.lm_head, "weight", None)
+    if weight is None:  # prepacked for oneDNN: the plain matrix is gone
+        raise ValueError("an EAGLE head needs the target's LM head matrix: load the target in float32")
+    return weight
+
+
+class EagleHead(nn.Module):
+    """fc([embed(t_{i+1}); f_i]) -> one decoder layer -> norm = predicted f_{i+1}.
+
+    The target's embeddings, rotary table and LM head rows are borrowed (`bind`), not
+    stored: the saved head is the fc, the layer, the norm and the draft vocabulary.
+    """
+
+    def __init__(self, cfg: ModelConfig, draft_vocab_size: int) -> None:
+        super().__init__()
+        hidden = cfg.hidden_size
+        self.config = cfg
+        self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+        self.layer = DecoderLayer(cfg, sliding=False)
+        self.norm = RMSNorm(hidden, cfg.rms_norm_eps)
+        self.register_buffer("draft_ids", torch.arange(draft_vocab_size, dtype=torch.long))
+        self._target: Any = None
+        self._draft_weight: torch.Tensor | None = None
+
+    def bind(self, target: Any) -> EagleHead:
+        """Borrow the target's embeddings, rotary table and LM head rows of the draft vocabulary."""
+        object.__setattr__(self, "_target", target)  # not a submodule: never saved, never trained
+        weight = lm_head_weight(target)
+        self._draft_weight = weight.detach().index_select(0, self.draft_ids.to(weight.device))
+        return self
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,  # [T]
+        feats: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T]
+        meta: Any,  # AttentionMetadata (drafting) or CausalBatch (training)
+        k_pool: torch.Tensor | None = None,
+        v_pool: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # [T, hidden] predicted next features
+        target = self._target
+        x = target.embed_tokens(token_ids)
+        if self.config.embed_scale is not None:
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        x = self.fc(torch.cat([x, feats.to(x.dtype)], dim=-1))
+        cos, sin = target.rope.lookup(positions, x.dtype)
+        return self.norm(self.layer(x, cos, sin, meta, k_pool, v_pool))
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, draft vocab] fp32
+        return (feats.to(self._draft_weight.dtype) @ self._draft_weight.T).float()
+
+
+def save_head(head: EagleHead, out_dir: str | os.PathLike[str], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in head.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_NAME))
+    cfg = head.config
+    info = {
+        "kind": "eagle",
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "num_heads": cfg.num_heads,
+        "num_kv_heads": cfg.num_kv_heads,
+        "draft_vocab_size": int(head.draft_ids.numel()),
+        **meta,
+    }
+    (out / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def load_head(path: str | os.PathLike[str], target: nn.Module) -> EagleHead:
+    """Load a head saved by `save_head` for this target (checked against its shapes)."""
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    if not (root / CONFIG_NAME).is_file() or not (root / WEIGHTS_NAME).is_file():
+        raise ValueError(f"eagle:{path}: not a draft head directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    info = json.loads((root / CONFIG_NAME).read_text(encoding="utf-8"))
+    cfg: ModelConfig = target.config
+    if info.get("kind") != "eagle":
+        raise ValueError(f"eagle:{path}: the head is of kind {info.get('kind')!r}, not 'eagle'")
+    for key in ("hidden_size", "vocab_size", "num_heads", "num_kv_heads"):
+        if info.get(key) != getattr(cfg, key):
+            raise ValueError(
+                f"eagle:{path}: the head was trained for a target with {key} {info.get(key)}, "
+                f"this model has {getattr(cfg, key)} (train one with `specserve train-drafter`)"
+            )
+    head = EagleHead(cfg, int(info["draft_vocab_size"]))
+    head.load_state_dict(load_file(str(root / WEIGHTS_NAME)))
+    head = head.to(device=target.device, dtype=target.dtype)
+    head.draft_ids = head.draft_ids.long()
+    head.eval().requires_grad_(False)
+    head.info = info
+    if any(type(m).__name__ == "PackedLinear" for m in target.modules()):
+        from specserve.model.cpu_kernels import pack_linears
+
+        pack_linears(head)  # the target's bf16 fast path, for the head's own linears too
+    return head.bind(target)
+
+
+@dataclass
+class _State:
+    first: int = 0  # the first position with a head cache entry (later ones after a prefix-cache hit)
+    length: int = 0  # positions [first, length) hold head cache entries
+    pending_start: int = 0
+    pending: list[torch.Tensor] = field(default_factory=list)  # target features from pending_start on
+
+    @property
+    def num_pending(self) -> int:
+        return sum(p.shape[0] for p in self.pending)
+
+
+@dataclass
+class _Entry:
+    slot: int
+    start: int  # cache index (within the slot's region, counted from `first`) of the first new row
+    read_from: int  # the slot region's first read index in the pool
+    token_ids: list[int]
+    feats: torch.Tensor  # [n, hidden]
+    positions: list[int]
+    mask: torch.Tensor | None  # [n, start + n] or None (causal)
+
+
+class EagleDrafter:
+    """Token trees from an EAGLE head, for a batch of sequences at once."""
+
+    name = "eagle"
+    wants_hidden = True
+
+    def __init__(self, head: EagleHead, num_slots: int, max_len: int, top_k: int = 4, depth: int = 5) -> None:
+        if top_k < 1 or depth < 1:
+            raise ValueError(f"eagle needs top_k >= 1 and depth >= 1, got {top_k}, {depth}")
+        self.head = head
+        self.top_k = min(top_k, int(head.draft_ids.numel()))
+        self.depth = depth
+        self.max_len = max_len
+        cfg = head.config
+        device, dtype = head.fc.weight.device, head.fc.weight.dtype
+        shape = (cfg.num_kv_heads, num_slots * max_len, cfg.head_dim)
+        self.k_pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.draft_ids = head.draft_ids.tolist()
+        self._state: dict[str, _State] = {}
+
+    # ------------------------------------------------------------------ features
+
+    def take_hidden(self, request_id: str, start: int, rows: torch.Tensor) -> None:
+        """The target's features of positions start, start + 1, ... (just cached)."""
+        st = self._state.setdefault(request_id, _State(start, start, start))
+        end = st.pending_start + st.num_pending
+        if st.pending and start == end:
+            st.pending.append(rows.clone())
+            return
+        if start < st.first or (not st.pending and start > st.length):
+            st.first = st.length = start  # no features before `start` (prefix-cache hit, recompute)
+        st.length = min(st.length, start)
+        st.pending, st.pending_start = [rows.clone()], start
+
+    def observe(self, seqs: Seq[SequenceView], num_accepted: Seq[int]) -> None:
+        pass  # the accepted tokens' features arrive through take_hidden
+
+    def release(self, request_id: str) -> None:
+        self._state.pop(request_id, None)
+
+    # ------------------------------------------------------------------ drafting
+
+    @torch.inference_mode()
+    def propose(self, seqs: Seq[SequenceView], budgets: Seq[int]) -> DraftProposal:
+        tokens: list[list[int]] = [[] for _ in seqs]
+        parents: list[list[int] | None] = [None] * len(seqs)
+        active = []
+        for i, (view, budget) in enumerate(zip(seqs, budgets)):
+            st = self._state.get(view.request_id)
+            if budget <= 0 or st is None or not st.pending:
+                continue
+            # catch-up rows, then at most top_k written nodes per depth
+            room = self.max_len - (st.pending_start + st.num_pending) - self.top_k * self.depth
+            if room < 0 or st.pending_start != st.length:
+                continue
+            active.append(i)
+        if not active:
+            return DraftProposal(tokens, parents=parents)
+        roots = self._catch_up([seqs[i] for i in active])
+        trees = self._grow([seqs[i] for i in active], roots, [budgets[i] for i in active])
+        for i, (tree_tokens, tree_parents) in zip(active, trees):
+            tokens[i], parents[i] = tree_tokens, tree_parents
+        return DraftProposal(tokens, parents=parents)
+
+    def _region(self, view: SequenceView) -> int:
+        return view.slot * self.max_len
+
+    def _catch_up(self, views: list[SequenceView]) -> torch.Tensor:
+        """Head cache entries for the pending features; returns each sequence's predicted
+        feature of its last token (the root of its tree) `[A, hidden]`."""
+        entries = []
+        for view in views:
+            st = self._state[view.request_id]
+            feats = st.pending[0] if len(st.pending) == 1 else torch.cat(st.pending)
+            n, start = feats.shape[0], st.pending_start
+            entries.append(_Entry(
+                view.slot, start - st.first, self._region(view) + st.first, view.token_ids[start + 1 : start + 1 + n],
+                feats, list(range(start, start + n)), None,
+            ))
+            st.length, st.pending = start + n, []
+        out = self._run(entries)
+        last = torch.tensor(
+            [sum(len(e.token_ids) for e in entries[: j + 1]) - 1 for j in range(len(entries))], device=out.device
+        )
+        return out.index_select(0, last)
+
+    def _grow(self, views: list[SequenceView], roots: torch.Tensor, budgets: list[int]):
+        """EAGLE-2 expansion for every sequence at once; returns (tokens, parents) per sequence."""
+        K = self.top_k
+        A = len(views)
+        # node lists per sequence: token (draft-vocab index), parent node (-1 = root), score, depth
+        node_tok: list[list[int]] = [[] for _ in range(A)]
+        node_par: list[list[int]] = [[] for _ in range(A)]
+        node_score: list[list[float]] = [[] for _ in range(A)]
+        written: list[list[int]] = [[] for _ in range(A)]  # expanded nodes, in head-cache order
+        ancestors: list[dict[int, list[int]]] = [{} for _ in range(A)]  # written node -> written ancestors + self
+
+        def best(feats: torch.Tensor) -> tuple[list[list[float]], list[list[int]]]:
+            top = torch.topk(torch.log_softmax(self.head.logits(feats), dim=-1), K)
+            return top.values.tolist(), top.indices.tolist()
+
+        def add_children(a: int, parent: int, base: float, scores: list[float], toks: list[int]) -> list[int]:
+            ids = []
+            for s, t in zip(scores, toks):
+                ids.append(len(node_tok[a]))
+                node_tok[a].append(t)
+                node_par[a].append(parent)
+                node_score[a].append(base + s)
+            return ids
+
+        scores, toks = best(roots)
+        frontier = [add_children(a, -1, 0.0, scores[a], toks[a]) for a in range(A)]
+        parent_feat = [{n: roots[a] for n in frontier[a]} for a in range(A)]
+        depth = min(self.depth, max(budgets))
+        for d in range(1, depth):
+            entries, expand = [], []
+            for a, view in enumerate(views):
+                if d >= budgets[a]:
+                    continue
+                st = self._state[view.request_id]
+                chosen = sorted(frontier[a], key=lambda n: -node_score[a][n])[:K]
+                real = st.length - st.first
+                start = real + len(written[a])
+                mask = torch.zeros(len(chosen), start + len(chosen), dtype=torch.bool)
+                mask[:, :real] = True
+                for r, n in enumerate(chosen):
+                    p = node_par[a][n]
+                    anc = ([*ancestors[a][p]] if p >= 0 else []) + [start + r]
+                    ancestors[a][n] = anc
+                    for w in anc:
+                        mask[r, w] = True
+                written[a].extend(chosen)
+                feats = torch.stack([parent_feat[a][n] for n in chosen])
+                pos = st.length + d - 1
+                entries.append(_Entry(
+                    view.slot, start, self._region(view) + st.first, [self.draft_ids[node_tok[a][n]] for n in chosen],
+                    feats, [pos] * len(chosen), mask.to(roots.device),
+                ))
+                expand.append((a, chosen))
+            if not entries:
+                break
+            out = self._run(entries)
+            scores, toks = best(out)
+            row = 0
+            for a, chosen in expand:
+                new = []
+                for n in chosen:
+                    kids = add_children(a, n, node_score[a][n], scores[row], toks[row])
+                    for k in kids:
+                        parent_feat[a][k] = out[row]
+                    new.extend(kids)
+                    row += 1
+                frontier[a] = new
+        return [self._select(node_tok[a], node_par[a], node_score[a], budgets[a]) for a in range(A)]
+
+    def _select(self, tok: list[int], par: list[int], score: list[float], budget: int) -> tuple[list[int], list[int]]:
+        """The `budget` best nodes, each after its parent; returned parents first."""
+        order = sorted(range(len(tok)), key=lambda n: -score[n])
+        taken: dict[int, int] = {}  # node -> index in the proposal
+        out_tok: list[int] = []
+        out_par: list[int] = []
+        pending = True
+        while pending and len(out_tok) < budget:
+            pending = False
+            for n in order:
+                if n in taken or (par[n] >= 0 and par[n] not in taken):
+                    continue
+                taken[n] = len(out_tok)
+                out_tok.append(self.draft_ids[tok[n]])
+                out_par.append(taken[par[n]] if par[n] >= 0 else -1)
+                pending = True
+                break
+        return out_tok, out_par
+
+    def _run(self, entries: list[_Entry]) -> torch.Tensor:
+        """One head forward over the new rows of every entry; K/V go into the head's pool."""
+        device = self.k_pool.device
+        ids, feats, positions, writes, query_starts = [], [], [], [], [0]
+        for e in entries:
+            n = len(e.token_ids)
+            ids.extend(e.token_ids)
+            feats.append(e.feats)
+            positions.extend(e.positions)
+            writes.extend(range(e.read_from + e.start, e.read_from + e.start + n))
+            query_starts.append(query_starts[-1] + n)
+        masks = []
+        for e in entries:
+            n = len(e.token_ids)
+            if e.mask is not None or n == 1 or e.start == 0:
+                masks.append(e.mask)
+            else:
+                mask = torch.ones(n, e.start + n, dtype=torch.bool, device=device)
+                mask[:, e.start :] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+                masks.append(mask)
+        meta = AttentionMetadata(
+            query_starts,
+            [e.start for e in entries],
+            torch.tensor(writes, dtype=torch.long, device=device),
+            [e.read_from for e in entries],
+            masks,
+            [None] * len(entries),
+        )
+        return self.head(
+            torch.tensor(ids, dtype=torch.long, device=device),
+            torch.cat(feats),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            meta,
+            self.k_pool,
+            self.v_pool,
+        )

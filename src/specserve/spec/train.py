@@ -1,0 +1,359 @@
+"""`specserve train-drafter`: train an EAGLE head by self-distillation on this CPU.
+
+1. Prompts are synthesized from task templates and topics written here (no dataset is
+   downloaded, and none of them is a Spec-Bench question): writing, explanation,
+   advice, reasoning, arithmetic, code, lists, rewriting, and summarizing, extracting
+   from and answering questions about passages the target wrote itself.
+2. The target answers them greedily (batched, plain decoding) through its chat template.
+3. One target forward per sample gives its features (final hidden states).
+4. The head learns to predict the next feature (smooth L1) and the target's next token
+   (cross-entropy over the draft vocabulary: the tokens the target emitted most), with
+   noise on its input features, for a few epochs.
+
+Everything after step 1 is cached in OUT: the generated samples and features
+(`data.pt`) and a checkpoint per epoch (`checkpoint.pt`), so a stopped run resumes
+where it was. The head is written to OUT (`config.json`, `head.safetensors`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specserve.model.layers import CausalBatch
+from specserve.spec.eagle import EagleHead, lm_head_weight, save_head
+
+TOPICS = (
+    "volcanoes", "honeybees", "the printing press", "solar panels", "coral reefs", "the Roman roads", "jazz",
+    "bread baking", "black holes", "the immune system", "glaciers", "chess openings", "public libraries",
+    "electric bicycles", "the water cycle", "origami", "ancient Egypt", "vaccines", "wind turbines", "octopuses",
+    "the stock market", "recycling plastics", "the Silk Road", "earthquakes", "photosynthesis", "urban gardens",
+    "the first airplanes", "tea ceremonies", "sleep", "the Moon landing", "rainforests", "3D printing",
+    "lighthouses", "bird migration", "inflation", "the human heart", "cryptography", "the Olympic Games",
+    "deserts", "composting", "submarines", "the violin", "pandas", "typhoons", "the internet", "mushrooms",
+    "the Renaissance", "batteries", "marathon training", "penguins", "the periodic table", "trains",
+    "time zones", "cheese making", "the Great Wall", "rainbows", "nuclear fusion", "ants", "board games",
+    "remote work", "climate change", "the printing of money", "dinosaurs", "mountain climbing", "robots",
+    "the Amazon river", "museums", "vitamins", "satellites", "coffee", "the French Revolution", "whales",
+    "bridges", "handwriting", "electric cars", "the ocean tides", "pottery", "antibiotics", "space stations",
+    "the metric system", "film photography", "desert plants", "lightning", "the Vikings", "wool",
+    "the microscope", "city parks", "hurricanes", "sourdough", "the compass", "language learning",
+    "rivers", "the bicycle", "meditation", "wolves", "the telephone", "snowflakes", "castles", "spices",
+)
+NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Jade", "Kofi", "Lena", "Mateo")
+TASKS = (
+    "Write a short story about {topic}.",
+    "Explain {topic} to a ten-year-old.",
+    "Give me five interesting facts about {topic}.",
+    "Write a poem about {topic}.",
+    "What are the pros and cons of {topic}?",
+    "Describe the history of {topic} in a few paragraphs.",
+    "Write a blog post introduction about {topic}.",
+    "How would you teach a class about {topic}? Give a lesson plan.",
+    "Write an email to a friend recommending a book about {topic}.",
+    "List common misconceptions about {topic} and correct them.",
+    "Compare {topic} and {other}.",
+    "What would happen if {topic} disappeared tomorrow?",
+    "Write a dialogue between {name} and {name2} about {topic}.",
+    "Give step-by-step advice for someone who wants to learn about {topic}.",
+    "Write a product description for a book titled 'All About {Topic}'.",
+    "Summarize what scientists know about {topic} in three sentences.",
+    "Write a haiku about {topic}, then explain it.",
+    "Create a quiz with three questions about {topic}, with answers.",
+)
+REASONING = (
+    ("{name} has {a} apples and buys {b} more, then gives {c} to {name2}. How many apples does {name} have? "
+     "Explain your reasoning."),
+    "A train travels {a} kilometers in {b} hours. What is its average speed? Show the steps.",
+    "What is {a} times {b}, plus {c}? Show your work.",
+    "If a shirt costs {a} dollars and is discounted by {c} percent, what is the new price?",
+    "{name} is older than {name2}, and {name2} is older than {name3}. Who is the youngest? Explain.",
+    "A rectangle is {a} cm wide and {b} cm long. What are its area and perimeter?",
+    "Is {a} a prime number? Explain how you check.",
+)
+CODE = (
+    "Write a Python function that returns the {n}th Fibonacci number, with a docstring.",
+    "Write a Python function that checks whether a string is a palindrome, and explain it.",
+    "Write a Python function that counts the words in a text and returns the {n} most common ones.",
+    "Write a Python class for a bank account with deposit and withdraw methods.",
+    "Write a SQL query that finds the {n} customers with the highest total orders.",
+    "Explain what this Python code does: `print(sum(x * x for x in range({n})))`",
+    "Write a JavaScript function that removes duplicates from an array.",
+    "Write a Python function that sorts a list of dictionaries by the key '{key}'.",
+    "Write a bash command that counts the lines of every .txt file in a folder.",
+    "Fix the bug in this Python code: `def add(a, b): return a - b`",
+)
+REWRITE = (
+    "Rewrite this sentence in a formal tone: \"{name} can't come to the meeting about {topic} because she's sick.\"",
+    "Translate into French: \"I would like to learn more about {topic}.\"",
+    "Correct the grammar: \"{name} have went to the museum about {topic} yesterday and they was happy.\"",
+    "Make this sentence shorter: \"In my personal opinion, I think that {topic} is a very interesting subject.\"",
+)
+PASSAGE_TASKS = (
+    "Summarize the following text in two sentences.\n\n{passage}",
+    "Read the text and answer: what is the main idea?\n\n{passage}",
+    "Extract the key facts from this text as a bulleted list.\n\n{passage}",
+    "Based on the following article, write three questions a student might ask, with answers.\n\n{passage}",
+    "{passage}\n\nWhat does the text above say about {topic}? Quote the relevant sentence.",
+    "Rewrite the following text for a young reader.\n\n{passage}",
+)
+
+
+def synth_prompts(n: int, seed: int = 0) -> list[str]:
+    """`n` single-turn prompts from the templates above (passage tasks are added later)."""
+    rng = random.Random(seed)
+    groups = (TASKS, TASKS, REASONING, CODE, REWRITE)
+    out = []
+    for _ in range(n):
+        template = rng.choice(rng.choice(groups))
+        topic, other = rng.sample(TOPICS, 2)
+        name, name2, name3 = rng.sample(NAMES, 3)
+        out.append(template.format(
+            topic=topic, Topic=topic.title(), other=other, name=name, name2=name2, name3=name3,
+            a=rng.randint(2, 90), b=rng.randint(2, 30), c=rng.randint(1, 20), n=rng.randint(3, 12),
+            key=rng.choice(("name", "age", "price", "date")),
+        ))
+    return out
+
+
+@dataclass
+class TrainConfig:
+    prompts: int = 640
+    passage_fraction: float = 0.3  # share of extra prompts built on the target's own passages
+    max_tokens: int = 256
+    epochs: int = 6
+    batch_size: int = 8
+    lr: float = 1e-3
+    draft_vocab: int = 8192
+    noise: float = 0.1  # std of the noise on input features, relative to their std
+    cls_weight: float = 0.1
+    seed: int = 0
+    batch_generate: int = 32  # requests in flight while generating the data
+
+
+def _progress(iterable=None, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, file=sys.stderr, **kw)
+
+
+def _generate(llm, prompts: list[str], max_tokens: int, batch: int, desc: str) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, greedy output ids) per prompt, through the chat template."""
+    from specserve.sampling.params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens)
+    out = []
+    bar = _progress(total=len(prompts), desc=desc, unit="prompt")
+    for i in range(0, len(prompts), batch):
+        ids = [llm.chat_prompt([{"role": "user", "content": p}]) for p in prompts[i : i + batch]]
+        for prompt_ids, res in zip(ids, llm.generate(ids, params)):
+            out.append((prompt_ids, list(res.token_ids)))
+        bar.update(len(ids))
+    bar.close()
+    return out
+
+
+def build_data(llm, cfg: TrainConfig) -> dict[str, Any]:
+    """Generate the samples and their target features (the slow part, cached by the caller)."""
+    from specserve.cache.kv_cache import KVCache
+    from specserve.engine.runner import ForwardItem, ModelRunner
+
+    started = time.time()
+    base = synth_prompts(cfg.prompts, cfg.seed)
+    samples = _generate(llm, base, cfg.max_tokens, cfg.batch_generate, "answering")
+    # passage tasks over the target's own longer answers (copying and summarizing)
+    rng = random.Random(cfg.seed + 1)
+    long = [(p, o) for (p, o), prompt in zip(samples, base) if len(o) >= 120]
+    rng.shuffle(long)
+    extra = []
+    for _, out_ids in long[: int(cfg.prompts * cfg.passage_fraction)]:
+        passage = llm.tokenizer.decode(out_ids).strip()
+        extra.append(rng.choice(PASSAGE_TASKS).format(passage=passage, topic=rng.choice(TOPICS)))
+    samples += _generate(llm, extra, cfg.max_tokens, cfg.batch_generate, "passages")
+    model = llm.engine.runner.model
+    mcfg = model.config
+    longest = max(len(p) + len(o) for p, o in samples)
+    scratch = KVCache(mcfg.num_layers, 1, longest, mcfg.num_kv_heads, mcfg.head_dim, model.dtype, model.device)
+    runner = ModelRunner(model, scratch)
+    slot = scratch.allocate()
+    tokens, feats, starts = [], [], []
+    for prompt_ids, out_ids in _progress(samples, desc="features", unit="sample"):
+        ids = prompt_ids + out_ids
+        _, hidden = runner.forward([ForwardItem(slot, 0, ids, logits_from=None)], all_hidden=True)
+        tokens.append(torch.tensor(ids, dtype=torch.int32))
+        feats.append(hidden.to(torch.bfloat16).cpu())
+        starts.append(len(prompt_ids))
+    return {
+        "tokens": tokens, "feats": feats, "response_start": starts,
+        "num_prompts": len(samples), "seconds": time.time() - started,
+    }
+
+
+def draft_vocabulary(data: dict[str, Any], size: int, eos_ids: list[int], vocab_size: int) -> torch.Tensor:
+    """The `size` tokens the target emitted most (its EOS ids always in), ascending ids."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for ids, start in zip(data["tokens"], data["response_start"]):
+        counts += torch.bincount(ids[start:].long(), minlength=vocab_size)
+    for e in eos_ids:
+        counts[e] = counts.max() + 1
+    size = min(size, vocab_size)
+    return torch.topk(counts, size).indices.sort().values
+
+
+def _frozen_target(model) -> SimpleNamespace:
+    """The target's embeddings, rotary table and LM head in fp32 for training."""
+    embed = nn.Embedding.from_pretrained(model.embed_tokens.weight.detach().float().cpu(), freeze=True)
+    head = SimpleNamespace(weight=lm_head_weight(model).detach().float().cpu())
+    return SimpleNamespace(embed_tokens=embed, rope=model.rope, lm_head=head, config=model.config)
+
+
+def _batches(data: dict[str, Any], batch_size: int, rng: random.Random) -> list[list[int]]:
+    order = sorted(range(len(data["tokens"])), key=lambda i: len(data["tokens"][i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _batch_tensors(data, idx: list[int], to_draft: torch.Tensor, feat_std: float):
+    L = max(len(data["tokens"][i]) for i in idx) - 1  # inputs i = 0..L-1 predict position i + 1
+    B = len(idx)
+    H = data["feats"][0].shape[1]
+    tok_in = torch.zeros(B, L, dtype=torch.long)
+    feat_in = torch.zeros(B, L, H)
+    feat_next = torch.zeros(B, L, H)
+    label = torch.full((B, L), -100, dtype=torch.long)
+    weight = torch.zeros(B, L)
+    for b, i in enumerate(idx):
+        ids, f, start = data["tokens"][i].long(), data["feats"][i].float() / feat_std, data["response_start"][i]
+        n = len(ids) - 1
+        tok_in[b, :n] = ids[1:]
+        feat_in[b, :n] = f[:-1]
+        feat_next[b, :n] = f[1:]
+        # the head at input i predicts the token at i + 2; train where that token is a response token
+        lab = to_draft[ids[2:]]
+        keep = torch.arange(2, len(ids)) >= start
+        label[b, : n - 1] = torch.where(keep, lab, torch.full_like(lab, -100))
+        weight[b, : n - 1] = keep.float()
+    return tok_in, feat_in, feat_next, label, weight
+
+
+def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
+    """Train (or resume) an EAGLE head for `llm`'s model; returns the output directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = llm.engine.runner.model
+    mcfg = model.config
+    data_path = out / "data.pt"
+    if data_path.is_file():
+        data = torch.load(data_path, weights_only=False)
+        log(f"data: {data_path} ({data['num_prompts']} samples, reused)")
+    else:
+        data = build_data(llm, cfg)
+        torch.save(data, data_path)
+        log(f"data: {data['num_prompts']} samples generated in {data['seconds'] / 60:.1f} min")
+    num_tokens = sum(len(t) for t in data["tokens"])
+    response_tokens = sum(len(t) - s for t, s in zip(data["tokens"], data["response_start"]))
+    eos = sorted(llm.engine.eos_ids)
+    draft_ids = draft_vocabulary(data, cfg.draft_vocab, eos, mcfg.vocab_size)
+    to_draft = torch.full((mcfg.vocab_size,), -100, dtype=torch.long)
+    to_draft[draft_ids] = torch.arange(len(draft_ids))
+    counts = torch.zeros(mcfg.vocab_size, dtype=torch.long)
+    for ids, start in zip(data["tokens"], data["response_start"]):
+        counts += torch.bincount(ids[start:].long(), minlength=mcfg.vocab_size)
+    coverage = float(counts[draft_ids].sum()) / max(int(counts.sum()), 1)
+    feat_std = float(torch.cat([f[:64].float() for f in data["feats"]]).std())
+
+    head = EagleHead(mcfg, len(draft_ids))
+    head.draft_ids.copy_(draft_ids)
+    # start the layer from the target's last one where its weights are plain tensors
+    own = head.layer.state_dict()
+    last = {k: v.float() for k, v in model.layers[-1].state_dict().items() if k in own and own[k].shape == v.shape}
+    head.layer.load_state_dict(last, strict=False)
+    with torch.no_grad():
+        hidden = mcfg.hidden_size
+        head.fc.weight.zero_()
+        head.fc.weight[:, hidden:] = torch.eye(hidden) / feat_std  # start from the feature itself
+        head.fc.weight[:, :hidden] = torch.randn(hidden, hidden) * 0.01
+        head.fc.bias.zero_()
+    head = head.float()
+    head.bind(_frozen_target(model))
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed)
+    per_epoch = len(_batches(data, cfg.batch_size, random.Random(0)))
+    total_steps = cfg.epochs * per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s / max(total_steps, 1), 1.0)))
+    )
+    first_epoch, spent = 0, 0.0
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        head.load_state_dict(ckpt["head"])
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        first_epoch, spent = ckpt["epoch"], ckpt["seconds"]
+        rng.setstate(ckpt["rng"])
+        log(f"resuming after epoch {first_epoch}")
+    for epoch in range(first_epoch, cfg.epochs):
+        t0 = time.time()
+        head.train()
+        stats = [0.0, 0.0, 0.0, 0]  # feature loss, token loss, top-1 hits, tokens
+        bar = _progress(_batches(data, cfg.batch_size, rng), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+        for idx in bar:
+            tok_in, feat_in, feat_next, label, weight = _batch_tensors(data, idx, to_draft, feat_std)
+            B, L, H = feat_in.shape
+            noisy = feat_in + torch.randn_like(feat_in) * cfg.noise
+            pos = torch.arange(L).repeat(B)
+            pred = head(tok_in.reshape(-1), noisy.reshape(-1, H) * feat_std, pos, CausalBatch(B, L))
+            pred = pred.reshape(B, L, H)
+            w = weight.unsqueeze(-1)
+            n = weight.sum().clamp(min=1)
+            f_loss = (F.smooth_l1_loss(pred / feat_std, feat_next, reduction="none") * w).sum() / (n * H)
+            logits = head.logits(pred.reshape(-1, H))
+            t_loss = F.cross_entropy(logits, label.reshape(-1), ignore_index=-100)
+            loss = f_loss + cfg.cls_weight * t_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            opt.step()
+            sched.step()
+            valid = label.reshape(-1) != -100
+            stats[0] += float(f_loss) * float(n)
+            stats[1] += float(t_loss) * int(valid.sum())
+            stats[2] += int((logits.argmax(-1) == label.reshape(-1))[valid].sum())
+            stats[3] += int(valid.sum())
+            bar.set_postfix(feat=f"{float(f_loss):.3f}", tok=f"{float(t_loss):.2f}")
+        bar.close()
+        spent += time.time() - t0
+        n = max(stats[3], 1)
+        log(f"epoch {epoch + 1}: feature loss {stats[0] / n:.4f}, token loss {stats[1] / n:.3f}, "
+            f"top-1 {stats[2] / n:.1%} ({(time.time() - t0) / 60:.1f} min)")
+        torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "epoch": epoch + 1, "seconds": spent, "rng": rng.getstate()}, ckpt_path)
+    meta = {
+        "target": llm.info().get("model", ""),
+        "training": {
+            "data": f"{data['num_prompts']} prompts synthesized by specserve.spec.train (templates and topics, "
+                    "passage tasks over the target's own answers; no Spec-Bench question), answered greedily "
+                    f"by the target, at most {cfg.max_tokens} new tokens",
+            "tokens": num_tokens, "response_tokens": response_tokens,
+            "draft_vocab_coverage": round(coverage, 4),
+            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "noise": cfg.noise,
+            "data_minutes": round(data["seconds"] / 60, 1), "train_minutes": round(spent / 60, 1),
+        },
+    }
+    save_head(head, out, meta)
+    log(f"head: {out} (draft vocabulary {len(draft_ids)} tokens covering {coverage:.1%} of the answers)")
+    return out

@@ -1,0 +1,214 @@
+"""EAGLE head: its KV-cached tree drafting agrees with its training-time forward, it is
+lossless in the engine (greedy and seeded sampling, alone and batched), the packaged
+head loads and accepts drafts, and `specserve train-drafter` trains a working head."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from specserve.engine.runner import ForwardItem
+from specserve.equivalence import compare_greedy
+from specserve.model.layers import CausalBatch
+from specserve.sampling.params import SamplingParams
+from specserve.spec.base import SequenceView
+from specserve.spec.eagle import DEFAULT_EAGLE, EagleDrafter, EagleHead, load_head, save_head
+
+PROMPTS = [
+    "Explain why the sky is blue in two sentences.",
+    "List three uses of copper.",
+    "Write a haiku about autumn rain.",
+    "Describe how a bicycle gear works.",
+    "Give a short recipe for pancakes.",
+    "Write a Python function that reverses a list.",
+]
+
+
+@pytest.fixture(scope="module")
+def random_head_dir(llm_fp32, tmp_path_factory):
+    """An untrained head (seeded), saved like a trained one."""
+    torch.manual_seed(0)
+    model = llm_fp32.engine.runner.model
+    head = EagleHead(model.config, 2048)
+    head.draft_ids.copy_(torch.randperm(model.config.vocab_size)[:2048].sort().values)
+    out = tmp_path_factory.mktemp("eagle-random")
+    save_head(head, out, {"target": "test"})
+    return str(out)
+
+
+def _features(llm, ids: list[int]) -> torch.Tensor:
+    """The target's final hidden states of every position of `ids`."""
+    from specserve.cache.kv_cache import KVCache
+    from specserve.engine.runner import ModelRunner
+
+    model = llm.engine.runner.model
+    cfg = model.config
+    cache = KVCache(cfg.num_layers, 1, len(ids) + 1, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device)
+    runner = ModelRunner(model, cache)
+    _, hidden = runner.forward([ForwardItem(cache.allocate(), 0, ids, logits_from=None)], all_hidden=True)
+    return hidden
+
+
+def test_tree_drafts_match_the_training_forward(llm_fp32, random_head_dir):
+    """The drafter's cached, tree-masked forwards give the same predictions as the head's
+    plain causal forward over the same path (positions, features and masks line up)."""
+    llm = llm_fp32
+    model = llm.engine.runner.model
+    head = load_head(random_head_dir, model)
+    drafter = EagleDrafter(head, num_slots=2, max_len=256, top_k=3, depth=3)
+    ids = llm.chat_prompt([{"role": "user", "content": PROMPTS[0]}])
+    feats = _features(llm, ids)
+    n = len(ids) - 1  # the last prompt token plays the bonus token: not yet "in the target's cache"
+    drafter.take_hidden("r", 0, feats[:n])
+    view = SequenceView("r", list(ids), n, SamplingParams(), slot=1)
+    proposal = drafter.propose([view], [20])
+    tokens, parents = proposal.token_ids[0], proposal.parents[0]
+    assert len(tokens) == 20 and parents[0] == -1
+
+    def causal(path_tokens, path_feats):
+        # inputs i = 0..m-1: (token i + 1, feature i)
+        L = path_feats.shape[0]
+        out = head(torch.tensor(path_tokens), path_feats, torch.arange(L), CausalBatch(1, L))
+        return out
+
+    with torch.inference_mode():
+        out = causal(ids[1 : n + 1], feats[:n])  # the catch-up: predicts the root's feature
+        root = out[-1]
+        top = torch.topk(head.logits(root[None])[0], 3).indices
+        expected = sorted(head.draft_ids[top].tolist())
+        assert sorted(t for t, p in zip(tokens, parents) if p == -1) == expected
+        # the best depth-1 node's children: one more step along the path
+        best = tokens[0]
+        out2 = causal(ids[1 : n + 1] + [best], torch.cat([feats[:n], root[None]]))
+        kids = torch.topk(head.logits(out2[-1:])[0], 3).indices
+        got = sorted(t for t, p in zip(tokens, parents) if p == 0)
+        assert got and set(got) <= set(head.draft_ids[kids].tolist())
+        # and a depth-3 node, two steps along (its parent's predicted feature as input)
+        child = next(j for j, p in enumerate(parents) if p == 0)
+        grand = [t for t, p in zip(tokens, parents) if p == child]
+        if grand:
+            out3 = causal(ids[1 : n + 1] + [best, tokens[child]], torch.cat([feats[:n], root[None], out2[-1:]]))
+            kids3 = torch.topk(head.logits(out3[-1:])[0], 3).indices
+            assert set(grand) <= set(head.draft_ids[kids3].tolist())
+
+
+def _eagle_outputs(llm, head_dir, prompts, params, k=10):
+    llm.set_spec(f"eagle:{head_dir}", k, False)
+    try:
+        return llm.generate(prompts, params)
+    finally:
+        llm.set_spec(None)
+
+
+def test_untrained_head_is_still_lossless(llm_fp32, random_head_dir):
+    llm = llm_fp32
+    prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS[:3]]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    plain = llm.generate(prompts, params)
+    out = _eagle_outputs(llm, random_head_dir, prompts, params)
+    for p, o in zip(plain, out):
+        assert o.token_ids == p.token_ids
+        assert o.metrics.drafted_tokens > 0
+
+
+needs_head = pytest.mark.skipif(not (DEFAULT_EAGLE / "head.safetensors").is_file(), reason="no packaged head")
+
+
+@needs_head
+def test_packaged_head_greedy_equals_plain_fp32_batched(llm_fp32):
+    llm = llm_fp32
+    prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+    params = SamplingParams(max_tokens=64)
+    plain = llm.generate(prompts, params)
+    out = _eagle_outputs(llm, DEFAULT_EAGLE, prompts, params)  # all six in one batch
+    for p, o in zip(plain, out):
+        assert o.token_ids == p.token_ids
+    accepted = sum(o.metrics.accepted_tokens for o in out)
+    forwards = sum(o.metrics.forward_passes for o in out)
+    assert (accepted + forwards) / forwards > 1.5  # a trained head's trees are mostly accepted
+
+
+@needs_head
+def test_packaged_head_bf16_equals_plain_up_to_near_ties(llm_bf16):
+    llm = llm_bf16
+    prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+    plain = [llm.generate([p], SamplingParams(max_tokens=64, logprobs=2))[0] for p in prompts]
+    llm.set_spec("eagle", 10, True)
+    try:
+        out = llm.generate(prompts, SamplingParams(max_tokens=64))
+    finally:
+        llm.set_spec(None)
+    for p, o in zip(plain, out):
+        d = compare_greedy(p.token_ids, p.logprobs, o.token_ids, torch.bfloat16)
+        assert d.ok, d.describe()
+
+
+@needs_head
+def test_packaged_head_seeded_sampling_equals_plain(llm_fp32):
+    llm = llm_fp32
+    prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS[:4]]
+    params = [SamplingParams(max_tokens=40, temperature=0.8, top_p=0.95, seed=7 + i) for i in range(4)]
+    plain = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    llm.set_spec(f"eagle:{DEFAULT_EAGLE}", 10, False)
+    try:
+        engine = llm.engine
+        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        while not all(s.finished for s in seqs):
+            engine.step()
+    finally:
+        llm.set_spec(None)
+    for p, s in zip(plain, seqs):
+        assert s.output_ids == p.token_ids
+
+
+def test_train_drafter_end_to_end(llm_fp32, tmp_path):
+    """A tiny run of the training pipeline: data, a checkpoint, a head that loads and is lossless;
+    a second run resumes from the cached data and checkpoint."""
+    from specserve.spec.train import TrainConfig, train_eagle
+
+    cfg = TrainConfig(prompts=8, max_tokens=24, epochs=1, batch_size=4, draft_vocab=1024, batch_generate=8)
+    lines: list[str] = []
+    out = train_eagle(llm_fp32, tmp_path / "head", cfg, log=lines.append)
+    assert (out / "head.safetensors").is_file() and (out / "data.pt").is_file() and (out / "checkpoint.pt").is_file()
+    assert any(line.startswith("epoch 1:") for line in lines)
+    lines.clear()
+    train_eagle(llm_fp32, out, cfg, log=lines.append)
+    assert any("reused" in line for line in lines) and not any(line.startswith("epoch") for line in lines)
+    llm = llm_fp32
+    prompts = [llm.chat_prompt([{"role": "user", "content": PROMPTS[1]}])]
+    params = SamplingParams(max_tokens=24)
+    assert _eagle_outputs(llm, out, prompts, params)[0].token_ids == llm.generate(prompts, params)[0].token_ids
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "specserve.cli", *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train-drafter"], "--out"),
+        (["train-drafter", "--out", "x", "--kind", "medusa"], "--kind"),
+        (["train-drafter", "--out", "x", "--lr", "0"], "--lr must be > 0"),
+        (["train-drafter", "--out", "x", "--target", "/nonexistent"], "--target: path does not exist"),
+        (["train-drafter", "--out", "x", "--epochs", "0"], "--epochs"),
+        (["generate", "--spec", "eagle:/nonexistent", "hi"], "eagle head directory does not exist"),
+    ],
+)
+def test_cli_errors(args, message):
+    res = _cli(*args)
+    assert res.returncode == 2
+    assert message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_head_for_another_model_is_refused(llm_fp32, tmp_path):
+    from dataclasses import replace
+
+    model = llm_fp32.engine.runner.model
+    head = EagleHead(replace(model.config, vocab_size=1000), 64)
+    save_head(head, tmp_path, {"target": "other"})
+    with pytest.raises(ValueError, match="vocab_size 1000"):
+        load_head(tmp_path, model)
