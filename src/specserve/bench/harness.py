@@ -104,25 +104,28 @@ def prepare_prompts(llm: Any, questions: Sequence[Any], multi_turn: bool, max_to
 
 
 class PlainMargins:
-    """Our plain decoding's top-2 logit margins per prompt, from an untimed run with logprobs (lazily)."""
+    """Our plain decoding's top-2 logit margin at a position of its own output.
+
+    Teacher-forced: one untimed forward over the prompt and plain's first `index` tokens,
+    so the margin is the one in plain's own context even where a rerun of plain would
+    not reproduce it (bf16 numerics depend on how the prompt was chunked or cached).
+    """
 
     def __init__(self, llm: Any, max_tokens: int, ignore_eos: bool) -> None:
         self.llm = llm
-        self.params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, logprobs=2)
+        self.params = SamplingParams(max_tokens=1, ignore_eos=True, logprobs=2)
         self.tolerance = NEAR_TIE.get(llm.dtype, NEAR_TIE[torch.bfloat16])
-        self._cache: dict[str, tuple[list[int], list[float | None]]] = {}
+        self._cache: dict[tuple[str, tuple[int, ...]], float | None] = {}
 
     def margin(self, prompt: Prompt, plain_ids: list[int], index: int, plain_runner: OursRunner) -> float | None:
-        """The margin at `index` of plain's output (None when unknown: the reference run differs)."""
-        if prompt.prompt_id not in self._cache:
+        """The margin at `index` of plain's output (None when plain has no logits there)."""
+        key = (prompt.prompt_id, tuple(plain_ids[:index]))
+        if key not in self._cache:
             self.llm.use_spec(plain_runner.setup)
-            out = self.llm.generate([prompt.token_ids], self.params)[0]
-            margins = [lp.top[0][1] - lp.top[1][1] if len(lp.top) >= 2 else None for lp in out.logprobs]
-            self._cache[prompt.prompt_id] = (list(out.token_ids), margins)
-        ids, margins = self._cache[prompt.prompt_id]
-        if index >= len(margins) or ids[: index + 1] != plain_ids[: index + 1]:
-            return None
-        return margins[index]
+            out = self.llm.generate([list(prompt.token_ids) + list(plain_ids[:index])], self.params)[0]
+            top = out.logprobs[0].top if out.logprobs else []
+            self._cache[key] = top[0][1] - top[1][1] if len(top) >= 2 else None
+        return self._cache[key]
 
 
 # ---------------------------------------------------------------- runners
