@@ -48,7 +48,7 @@ from specserve.bench.common import (
 from specserve.sampling.params import SamplingParams
 
 PLAIN = "plain"
-METHODS = ("ngram", "suffix", "draft-model", "layer-skip")
+METHODS = ("ngram", "suffix", "draft-model", "layer-skip", "eagle")
 DEFAULT_DRAFT_LAYERS = 8
 
 

@@ -185,7 +185,7 @@ class EagleDrafter:
         self.depth = depth
         self.max_len = max_len
         cfg = head.config
-        device, dtype = head.fc.weight.device, head.fc.weight.dtype
+        device, dtype = head._draft_weight.device, head._draft_weight.dtype
         shape = (cfg.num_kv_heads, num_slots * max_len, cfg.head_dim)
         self.k_pool = torch.zeros(shape, dtype=dtype, device=device)
         self.v_pool = torch.zeros(shape, dtype=dtype, device=device)

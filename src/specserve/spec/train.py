@@ -18,6 +18,7 @@ where it was. The head is written to OUT (`config.json`, `head.safetensors`).
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
@@ -137,6 +138,7 @@ class TrainConfig:
     draft_vocab: int = 8192
     noise: float = 0.1  # std of the noise on input features, relative to their std
     cls_weight: float = 0.1
+    unroll: int = 2  # training-time test: later steps feed the head its own predicted features
     seed: int = 0
     batch_generate: int = 32  # requests in flight while generating the data
 
@@ -316,25 +318,31 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
             B, L, H = feat_in.shape
             noisy = feat_in + torch.randn_like(feat_in) * cfg.noise
             pos = torch.arange(L).repeat(B)
-            pred = head(tok_in.reshape(-1), noisy.reshape(-1, H) * feat_std, pos, CausalBatch(B, L))
-            pred = pred.reshape(B, L, H)
             w = weight.unsqueeze(-1)
             n = weight.sum().clamp(min=1)
-            f_loss = (F.smooth_l1_loss(pred / feat_std, feat_next, reduction="none") * w).sum() / (n * H)
-            logits = head.logits(pred.reshape(-1, H))
-            t_loss = F.cross_entropy(logits, label.reshape(-1), ignore_index=-100)
-            loss = f_loss + cfg.cls_weight * t_loss
+            fed = noisy * feat_std
+            loss = torch.zeros(())
+            for step in range(cfg.unroll):
+                pred = head(tok_in.reshape(-1), fed.reshape(-1, H), pos, CausalBatch(B, L)).reshape(B, L, H)
+                step_f = (F.smooth_l1_loss(pred / feat_std, feat_next, reduction="none") * w).sum() / (n * H)
+                step_logits = head.logits(pred.reshape(-1, H))
+                step_t = F.cross_entropy(step_logits, label.reshape(-1), ignore_index=-100)
+                loss = loss + step_f + cfg.cls_weight * step_t
+                if step == 0:
+                    f_loss, t_loss, logits = step_f, step_t, step_logits
+                # the next step reads, at position i, the head's own prediction of f_i (as drafting does)
+                fed = torch.cat([fed[:, :1], pred[:, :-1]], dim=1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 0.5)
             opt.step()
             sched.step()
             valid = label.reshape(-1) != -100
-            stats[0] += float(f_loss) * float(n)
-            stats[1] += float(t_loss) * int(valid.sum())
+            stats[0] += float(f_loss.detach()) * float(n)
+            stats[1] += float(t_loss.detach()) * int(valid.sum())
             stats[2] += int((logits.argmax(-1) == label.reshape(-1))[valid].sum())
             stats[3] += int(valid.sum())
-            bar.set_postfix(feat=f"{float(f_loss):.3f}", tok=f"{float(t_loss):.2f}")
+            bar.set_postfix(feat=f"{float(f_loss.detach()):.3f}", tok=f"{float(t_loss.detach()):.2f}")
         bar.close()
         spent += time.time() - t0
         n = max(stats[3], 1)
@@ -343,14 +351,14 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
         torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "epoch": epoch + 1, "seconds": spent, "rng": rng.getstate()}, ckpt_path)
     meta = {
-        "target": llm.info().get("model", ""),
+        "target": os.path.basename(str(llm.info().get("model", ""))),
         "training": {
             "data": f"{data['num_prompts']} prompts synthesized by specserve.spec.train (templates and topics, "
                     "passage tasks over the target's own answers; no Spec-Bench question), answered greedily "
                     f"by the target, at most {cfg.max_tokens} new tokens",
             "tokens": num_tokens, "response_tokens": response_tokens,
             "draft_vocab_coverage": round(coverage, 4),
-            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "noise": cfg.noise,
+            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "noise": cfg.noise, "unroll": cfg.unroll,
             "data_minutes": round(data["seconds"] / 60, 1), "train_minutes": round(spent / 60, 1),
         },
     }
