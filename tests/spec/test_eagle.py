@@ -16,6 +16,7 @@ from specserve.model.layers import CausalBatch
 from specserve.sampling.params import SamplingParams
 from specserve.spec.base import SequenceView
 from specserve.spec.eagle import DEFAULT_EAGLE, EagleDrafter, EagleHead, load_head, save_head
+from tests.spec.views import run_together
 
 PROMPTS = [
     "Explain why the sky is blue in two sentences.",
@@ -153,13 +154,7 @@ def test_packaged_head_seeded_sampling_equals_plain(llm_fp32):
     params = [SamplingParams(max_tokens=40, temperature=0.8, top_p=0.95, seed=7 + i) for i in range(4)]
     plain = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
     llm.set_spec(f"eagle:{DEFAULT_EAGLE}", 10, False)
-    try:
-        engine = llm.engine
-        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        while not all(s.finished for s in seqs):
-            engine.step()
-    finally:
-        llm.set_spec(None)
+    seqs = run_together(llm, prompts, params)
     for p, s in zip(plain, seqs):
         assert s.output_ids == p.token_ids
 

@@ -16,6 +16,7 @@ from specserve.sampling.params import SamplingParams
 from specserve.spec.base import DraftProposal, SequenceView
 from specserve.spec.policy import FixedSpecPolicy
 from specserve.spec.tree import ancestor_mask, check_tree, depths, path_tokens, walk
+from tests.spec.views import run_together
 
 #        root
 #       /    \
@@ -161,13 +162,7 @@ def test_tree_seeded_sampling_equals_plain(llm_fp32):
     refs = {tuple(p): o.token_ids for p, o in zip(prompts, plain)}
     drafter = OracleTreeDrafter(refs, llm.config.vocab_size, 0.3)
     llm.use_spec(SpecSetup("tree-oracle", 12, drafter, FixedSpecPolicy(12)))
-    try:
-        engine = llm.engine
-        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        while not all(s.finished for s in seqs):
-            engine.step()
-    finally:
-        llm.set_spec(None)
+    seqs = run_together(llm, prompts, params)
     for p, s in zip(plain, seqs):
         assert s.output_ids == p.token_ids
         assert s.metrics.accepted_tokens > 0

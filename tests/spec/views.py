@@ -16,3 +16,15 @@ def view(request_id: str, tokens: list[int], num_prompt_tokens: int = 0) -> Sequ
         params=_PARAMS,
         slot=0,
     )
+
+
+def run_together(llm, prompts: list[list[int]], params: list[SamplingParams]) -> list:
+    """Decode the requests in one batch with the LLM's current drafter, then turn speculation off."""
+    try:
+        engine = llm.engine
+        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        while not all(s.finished for s in seqs):
+            engine.step()
+        return seqs
+    finally:
+        llm.set_spec(None)

@@ -13,6 +13,7 @@ skipped with a note, never an error.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
 from collections.abc import Iterable
@@ -290,10 +291,35 @@ def _counting_llama(gguf_path: str, n_ctx: int, prompt_lookup: bool) -> Any:
     draft = LlamaPromptLookupDecoding(num_pred_tokens=PEER_DRAFT_TOKENS) if prompt_lookup else None
     # With a draft model llama-cpp-python keeps logits of every position but sizes its score buffer
     # by `logits_all`: without logits_all=True a prompt longer than n_batch (512) overflows it.
-    return CountingLlama(
-        model_path=gguf_path, n_ctx=n_ctx, n_threads=LLAMA_CPP_THREADS, n_threads_batch=LLAMA_CPP_THREADS,
-        draft_model=draft, logits_all=prompt_lookup, verbose=False,
-    )
+    with _without_extra_buffer_types():
+        return CountingLlama(
+            model_path=gguf_path, n_ctx=n_ctx, n_threads=LLAMA_CPP_THREADS, n_threads_batch=LLAMA_CPP_THREADS,
+            draft_model=draft, logits_all=prompt_lookup, verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _without_extra_buffer_types():
+    """Load llama.cpp models with `use_extra_bufts = False` (llama-cpp-python's `Llama` has no argument for it).
+
+    On CPUs with AMX, ggml (as built by llama-cpp-python 0.3.36) puts Q4_1 weights in its AMX buffer type,
+    and its AMX matmul crashes the process with a segmentation fault on the first decode (seen on a
+    Xeon with amx_bf16/amx_int8). Without extra buffer types ggml runs its regular AVX-512 kernels.
+    """
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
 
 
 def llama_cpp_runners(names: list[str], llm: Any) -> list[LlamaCppRunner]:
