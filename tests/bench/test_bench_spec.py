@@ -30,15 +30,16 @@ TIMEOUT = 600  # the shared 2-core machines can be very slow under load
 
 
 def rec(method, prompt_id, category, tokens, forwards, wall, rep=0, *, drafted=0, accepted=0, acc_pos=(), dra_pos=(),
-        draft=0.0, verify=0.0, ids=None, plain_ids=None):
+        draft=0.0, verify=0.0, ids=None, plain_ids=None, margin=None):
     ids = list(range(tokens)) if ids is None else ids
-    div = None if plain_ids is None else first_divergence(ids, plain_ids)
+    div = None if plain_ids is None else first_divergence(plain_ids, ids)
     return SpecRecord(
         method=method, spec=None if method == PLAIN else method, prompt_id=prompt_id, category=category,
         repetition=rep, prompt_tokens=10, new_tokens=tokens, finish_reason="stop", wall_s=wall, ttft_s=0.01,
         forward_passes=forwards, drafted_tokens=drafted, accepted_tokens=accepted,
         accepted_per_position=list(acc_pos), drafted_per_position=list(dra_pos), draft_time_s=draft,
         verify_time_s=verify, token_ids=ids, identical_to_plain=div is None, first_divergence=div,
+        divergence_margin=margin, near_tie_tolerance=None if method == PLAIN else 0.5,
     )
 
 
@@ -51,7 +52,7 @@ def records():
         rec(PLAIN, 2, "a", 30, 30, 3.0, verify=2.5),
         rec("ngram", 2, "a", 30, 10, 1.0, drafted=25, accepted=20, acc_pos=[10, 8, 2], dra_pos=[10, 10, 5]),
         rec(PLAIN, 3, "b", 20, 20, 2.0),
-        rec("ngram", 3, "b", 20, 20, 4.0, ids=[7] * 20, plain_ids=list(range(20))),
+        rec("ngram", 3, "b", 20, 20, 4.0, ids=[7] * 20, plain_ids=list(range(20)), margin=0.25),
     ]
 
 
@@ -101,8 +102,21 @@ def test_format_report(records):
     assert "| a | 1.00 | 2.67 |" in report  # AL: plain 40/40, ngram 40/15
     assert f"**{60 / 35:.2f}**" in report  # overall AL
     assert "| ngram | 87% | 77% | 40% |" in report  # acceptance per position
-    assert "ngram: 2/3 outputs identical" in report and "b-3 (rep 0) at token 0" in report
+    assert "| ngram | 2/3 | 1 | 0 | **lossless** | 0.25 |" in report  # b-3 diverges at a near-tie
     assert "Note: hello." in report
+
+
+def test_report_flags_a_divergence_that_is_not_a_near_tie(records):
+    records[-1].divergence_margin = 2.0
+    records.append(rec("ngram", 4, "b", 5, 5, 1.0, ids=[1, 2, 9, 9, 9], plain_ids=[1, 2, 3, 4, 5]))  # margin unknown
+    records.append(rec(PLAIN, 4, "b", 5, 5, 1.0))
+    prompts = [Prompt(Question(i, c, ("q",)), [1, 2]) for i, c in ((1, "a"), (2, "a"), (3, "b"), (4, "b"))]
+    model = {"model": "/x/m.gguf", "family": "llama", "parameters": 1_000_000}
+    res = SpecBenchResult({"CPU": "test"}, model, prompts, ["ngram"], {PLAIN: None, "ngram": "ngram"}, 32, 1,
+                          1, None, True, records)
+    report = format_report(res)
+    assert "| ngram | 2/4 | 0 | 2 | **NOT lossless** | — |" in report
+    assert "b-3 (rep 0) at token 0, margin 2" in report and "b-4 (rep 0) at token 2, margin unknown" in report
 
 
 def test_parse_methods():
@@ -175,4 +189,8 @@ def test_tiny_run(questions_file, tmp_path, monkeypatch):
     report = proc.stdout
     assert report == raws[0].with_suffix(".md").read_text()
     assert "## specserve bench spec" in report and "| writing |" in report and "| coding |" in report
-    assert "### Acceptance length" in report and "ngram: " in report and "outputs identical" in report
+    assert "### Acceptance length" in report and "### Equivalence with plain decoding" in report
+    for r in rows:
+        if r["method"] == "ngram" and r["first_divergence"] is not None:
+            assert r["divergence_margin"] is not None  # every divergence is measured, not assumed
+    assert "**NOT lossless**" not in report

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from specserve.bench.harness import HarnessConfig, PlainMargins, prepare_prompts, run_requests
+from specserve.bench.common import PlainMargins
+from specserve.bench.harness import HarnessConfig, prepare_prompts, run_requests
 from specserve.bench.methods import OursRunner
 from specserve.bench.records import PLAIN, RequestRecord
 from specserve.bench.workload import filter_categories, load_questions
@@ -38,7 +39,7 @@ def test_prepare_prompts_second_turn_uses_the_models_own_answer(llm_bf16, prompt
 def _run(runners, prompts, llm) -> list[RequestRecord]:
     config = HarnessConfig(methods=tuple(r.name for r in runners), max_tokens=MAX_TOKENS, warmup=0)
     sink = io.StringIO()
-    records = run_requests(runners, prompts, config, PlainMargins(llm, MAX_TOKENS, False), sink)
+    records = run_requests(runners, prompts, config, PlainMargins(llm), sink)
     lines = [json.loads(line) for line in sink.getvalue().splitlines()]
     assert [RequestRecord.from_dict(x) for x in lines] == records  # every record written as it is made
     return records

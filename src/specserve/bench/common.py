@@ -15,7 +15,8 @@ from typing import IO, Any, Protocol
 import torch
 
 from specserve.bench.workload import Question, filter_categories, load_questions, select_per_category
-from specserve.equivalence import first_divergence  # noqa: F401  (re-exported for the benches)
+from specserve.equivalence import NEAR_TIE, first_divergence  # noqa: F401  (re-exported for the benches)
+from specserve.sampling.params import SamplingParams
 
 
 @dataclass
@@ -30,6 +31,35 @@ class Prompt:
     def prompt_id(self) -> str:
         """`writing-81` for a first turn, `writing-81-t2` for a second one."""
         return self.question.prompt_id if self.turn == 1 else f"{self.question.prompt_id}-t{self.turn}"
+
+
+class PlainMargins:
+    """Our plain decoding's top-2 logit margin at a position of its own output.
+
+    Teacher-forced: one untimed forward over the prompt and plain's first `index` tokens,
+    so the margin is the one in plain's own context even where a rerun of plain would
+    not reproduce it (bf16 numerics depend on how the prompt was chunked or cached).
+    A divergence there is a numerical near-tie when the margin is below `tolerance`.
+    """
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.params = SamplingParams(max_tokens=1, ignore_eos=True, logprobs=2)
+        self.tolerance = NEAR_TIE.get(llm.dtype, NEAR_TIE[torch.bfloat16])
+        self._cache: dict[tuple[str, tuple[int, ...]], float | None] = {}
+
+    def margin(self, prompt: Prompt, plain_ids: list[int], index: int, plain_setup: Any) -> float | None:
+        """The margin at `index` of plain's output (None when plain has no logits there).
+
+        `plain_setup` is the plain-decoding setup (`LLM.build_spec(None)`), put in place first.
+        """
+        key = (prompt.prompt_id, tuple(plain_ids[:index]))
+        if key not in self._cache:
+            self.llm.use_spec(plain_setup)
+            out = self.llm.generate([list(prompt.token_ids) + list(plain_ids[:index])], self.params)[0]
+            top = out.logprobs[0].top if out.logprobs else []
+            self._cache[key] = top[0][1] - top[1][1] if len(top) >= 2 else None
+        return self._cache[key]
 
 
 class TimedRecord(Protocol):

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import torch
 from tqdm import tqdm
 
 from specserve.bench.common import (
+    PlainMargins,
     Prompt,
     build_prompts,
     check_fits,
@@ -49,7 +49,7 @@ from specserve.bench.methods import (
     transformers_runners,
 )
 from specserve.bench.records import PLAIN, Generation, MethodRunner, RequestRecord, RunMeta, write_meta
-from specserve.equivalence import NEAR_TIE, first_divergence
+from specserve.equivalence import first_divergence
 from specserve.sampling.params import SamplingParams
 
 
@@ -98,34 +98,6 @@ def prepare_prompts(llm: Any, questions: Sequence[Any], multi_turn: bool, max_to
             ]
             prompts.append(Prompt(first.question, llm.chat_prompt(messages), turn=2))
     return prompts
-
-
-# ---------------------------------------------------------------- equivalence reference
-
-
-class PlainMargins:
-    """Our plain decoding's top-2 logit margin at a position of its own output.
-
-    Teacher-forced: one untimed forward over the prompt and plain's first `index` tokens,
-    so the margin is the one in plain's own context even where a rerun of plain would
-    not reproduce it (bf16 numerics depend on how the prompt was chunked or cached).
-    """
-
-    def __init__(self, llm: Any, max_tokens: int, ignore_eos: bool) -> None:
-        self.llm = llm
-        self.params = SamplingParams(max_tokens=1, ignore_eos=True, logprobs=2)
-        self.tolerance = NEAR_TIE.get(llm.dtype, NEAR_TIE[torch.bfloat16])
-        self._cache: dict[tuple[str, tuple[int, ...]], float | None] = {}
-
-    def margin(self, prompt: Prompt, plain_ids: list[int], index: int, plain_runner: OursRunner) -> float | None:
-        """The margin at `index` of plain's output (None when plain has no logits there)."""
-        key = (prompt.prompt_id, tuple(plain_ids[:index]))
-        if key not in self._cache:
-            self.llm.use_spec(plain_runner.setup)
-            out = self.llm.generate([list(prompt.token_ids) + list(plain_ids[:index])], self.params)[0]
-            top = out.logprobs[0].top if out.logprobs else []
-            self._cache[key] = top[0][1] - top[1][1] if len(top) >= 2 else None
-        return self._cache[key]
 
 
 # ---------------------------------------------------------------- runners
@@ -203,7 +175,7 @@ def run_requests(
                         rec.first_divergence = first_divergence(plain_ids, rec.token_ids)
                         rec.near_tie_tolerance = margins.tolerance
                         if rec.first_divergence is not None:
-                            rec.divergence_margin = margins.margin(prompt, plain_ids, rec.first_divergence, plain)
+                            rec.divergence_margin = margins.margin(prompt, plain_ids, rec.first_divergence, plain.setup)
                     records.append(rec)
                     write_record(raw, rec)
                     bar.update()
@@ -264,7 +236,7 @@ def run_harness(
         )
         write_meta(raw_path, meta)
         with open(raw_path, "w", encoding="utf-8") as raw:
-            run_requests(runners, prompts, config, PlainMargins(llm, config.max_tokens, config.ignore_eos), raw)
+            run_requests(runners, prompts, config, PlainMargins(llm), raw)
         llm.set_spec(None)
     return raw_path
 
