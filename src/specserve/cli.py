@@ -247,7 +247,7 @@ def build_parser() -> ArgumentParser:
         "ngram+load-aware,suffix+load-aware)",
     )
     add("--concurrency", default="1,2,4,8,16,32", metavar="LIST", help="levels (default: 1,2,4,8,16,32)")
-    add("--requests", type=_count(1), metavar="N", help="requests per level (default: max(4, 2 x level))")
+    add("--requests", type=_count(1), metavar="N", help="requests per level (default: max(26, 2 x level): two per Spec-Bench category)")
     add("--max-tokens", type=_count(1), default=128, metavar="N", help="most new tokens per request (default: 128)")
     add("--num-spec-tokens", type=_spec_tokens, default=8, metavar="K", help="draft length, in [1, 32] (default: 8)")
     add("--repetitions", type=_count(1), default=1, metavar="R", help="timed runs per level and method (default: 1)")

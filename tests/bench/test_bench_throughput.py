@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from specserve.bench.throughput import parse_levels, parse_methods
+from specserve.bench.common import Prompt
+from specserve.bench.throughput import interleave_categories, parse_levels, parse_methods
+from specserve.bench.workload import Question
 
 TIMEOUT = 900  # the shared 2-core machines can be very slow under load
 
@@ -22,6 +24,13 @@ def test_parse_methods_and_levels():
         parse_levels("1,x")
     with pytest.raises(ValueError, match=">= 1"):
         parse_levels("0")
+
+
+def test_interleave_categories_mixes_every_prefix():
+    prompts = [Prompt(Question(i, c, ("q",)), [i]) for i, c in enumerate("aaabbc")]
+    order = [(p.question.category, p.question.question_id) for p in interleave_categories(prompts)]
+    assert order == [("a", 0), ("b", 3), ("c", 5), ("a", 1), ("b", 4), ("a", 2)]
+    assert interleave_categories([]) == []
 
 
 def test_bad_flag_is_one_line():

@@ -77,7 +77,7 @@ def add_harness_commands(kinds: Any) -> None:
     add("--docs", default="docs", metavar="DIR", help="where benchmarks.md and img/ go (default: docs/)")
     add("--concurrency", default="1,2,4,8,16", metavar="LIST", help="throughput levels (default: 1,2,4,8,16)")
     add("--throughput-requests", type=base._count(1), metavar="N",
-        help="requests per throughput level (default: max(4, 2 x level))")
+        help="requests per throughput level (default: max(26, 2 x level): two per Spec-Bench category)")
     add("--no-throughput", action="store_true", help="skip the throughput benchmark")
     a.set_defaults(func=cmd_bench_all, parser=a)
 

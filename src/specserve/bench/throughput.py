@@ -45,6 +45,9 @@ from specserve.equivalence import first_divergence
 from specserve.sampling.params import SamplingParams
 
 LEVELS = (1, 2, 4, 8, 16, 32)
+# requests per level unless --requests says otherwise (at least 2 x the level): two per
+# Spec-Bench category, so low concurrency is not measured on a few prompts of one category
+MIN_REQUESTS = 26
 LOAD_AWARE = "+load-aware"
 
 
@@ -111,6 +114,16 @@ def parse_methods(text: str) -> list[str]:
     if "off" not in methods:
         methods.insert(0, "off")
     return methods
+
+
+def interleave_categories(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """Round-robin over the categories (in first-seen order), so every prefix of the list
+    mixes them: `a1 a2 b1 b2 c1` -> `a1 b1 c1 a2 b2`."""
+    by_category: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        by_category.setdefault(p.question.category, []).append(p)
+    columns = list(by_category.values())
+    return [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]
 
 
 def run_level(llm, prompts: Sequence[Prompt], params: SamplingParams, concurrency: int):
@@ -181,11 +194,10 @@ def run_throughput_bench(
     stdout = stdout or sys.stdout
     max_level = max(levels)
     llm = LLM(model=model, dtype=dtype, device=device, max_num_seqs=max_level, max_model_len=2048)
-    wanted = max(requests_per_level or 0, 2 * max_level)
+    wanted = max(requests_per_level or MIN_REQUESTS, 2 * max_level)
     per_category = -(-wanted // 13)
     questions = select_questions(questions_path, per_category)
-    prompts = [p for p in build_prompts(llm, questions) if len(p.token_ids) <= 1024]
-    prompts = prompts[::max(1, len(prompts) // wanted)][:wanted]
+    prompts = interleave_categories([p for p in build_prompts(llm, questions) if len(p.token_ids) <= 1024])[:wanted]
     check_fits(prompts, max_tokens, llm.max_model_len)
     params = SamplingParams(max_tokens=max_tokens)
     raw_path = raw_jsonl_path(out_dir, "throughput")
@@ -198,7 +210,7 @@ def run_throughput_bench(
         total = len(levels) * len(methods) * repetitions
         bar = tqdm(total=total, desc="throughput", unit="run", file=sys.stderr, leave=False)
         for level in levels:
-            n = max(requests_per_level or 0, 2 * level, 4)
+            n = max(requests_per_level or MIN_REQUESTS, 2 * level)
             level_prompts = prompts[:n]
             reference: list[list[int]] | None = None
             for method in methods:

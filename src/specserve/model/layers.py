@@ -221,7 +221,6 @@ class Attention(nn.Module):
             k = apply_rope(self.k_norm(qkv[:, self.num_heads : heads - self.num_kv_heads]), cos, sin)
         return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
 
-    @torch.compiler.disable
     def attend(
         self,
         q: torch.Tensor,  # [Hq, T, D]
@@ -231,10 +230,7 @@ class Attention(nn.Module):
         k_cache: torch.Tensor,  # [Hkv, P, D] pool
         v_cache: torch.Tensor,  # [Hkv, P, D] pool
     ) -> torch.Tensor:  # [T, Hq * D]
-        """Write the new K/V of the whole batch into the pool, then attend per sequence.
-
-        Kept out of `torch.compile` graphs: it loops over the sequences of the batch.
-        """
+        """Write the new K/V of the whole batch into the pool, then attend per sequence."""
         if isinstance(meta, CausalBatch):
             return meta.attend(q, k, v, self)
         T = q.shape[1]
