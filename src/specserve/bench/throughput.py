@@ -261,7 +261,8 @@ def format_report(llm, results, methods, levels, max_tokens, num_spec_tokens, re
         llm.info(),
         [
             ("workload", f"Spec-Bench first turns, chat template, greedy, max {max_tokens} new tokens"),
-            ("requests per level", "max(4, 2 x concurrency), kept `concurrency` in flight"),
+            ("requests per level", ", ".join(f"{r.requests} at c={r.concurrency}" for r in results if r.method == methods[0])
+             + "; categories interleaved, kept `concurrency` in flight"),
             ("draft length", f"fixed {num_spec_tokens} for plain drafter rows; load-aware rows choose per step"),
             ("repetitions", f"{repetitions} (median shown; min in the raw JSONL)"),
             ("peak resident memory", f"{peak_rss_mib():.0f} MiB (KV pool {llm.engine.cache.memory_bytes() / 2**20:.0f} MiB, allocated lazily)"),
