@@ -49,7 +49,8 @@ def preamble(harness: HarnessConfig, throughput: ThroughputConfig | None) -> lis
         "",
         ("Earlier hand-written reports and analysis: [plain decoding vs transformers](bench_plain_2026-11-22.md), "
         "[speculative decoding per drafter](bench_spec_2026-11-22.md), "
-        "[analysis of 2026-11-22](benchmarks_2026-11-22.md); the HTTP load test (`specserve bench serve`): "
+        "[analysis of 2026-11-22](benchmarks_2026-11-22.md), "
+        "[the narrower benches on an Intel Xeon, 2026-11-30](bench_2026-11-30.md); the HTTP load test (`specserve bench serve`): "
         "[server.md](server.md#measured). The narrower commands `specserve bench plain|spec|throughput|serve` still work."),
         "",
     ]
