@@ -161,3 +161,22 @@ def test_small_kv_budget_preempts_and_still_completes(batch_requests):
         for i, (ref, out) in enumerate(zip(reference, outputs)):
             d = compare_greedy(ref.output_ids, ref.logprobs, out.output_ids, llm.dtype)
             assert d.ok, f"{spec} request {i}: {d.describe()}"
+
+
+def test_a_newer_sequence_that_outgrows_the_pool_steps_out_for_the_older_one():
+    # four blocks of 16 tokens: two sequences of two blocks each are admitted together;
+    # the newer one (31 prompt tokens) needs a third block first, while the older one
+    # holds the rest and must keep it: the newer one is preempted, not the request lost
+    llm = LLM(dtype="float32", device="cpu", max_num_seqs=2, max_model_len=64, kv_cache_tokens=64)
+    base = llm.chat_prompt([{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}])
+    older, newer = base[:20], base[:31]
+    params = SamplingParams(max_tokens=28, ignore_eos=True)
+    alone = [llm.generate([ids], params)[0].token_ids for ids in (older, newer)]
+    llm.reset_prefix_cache()
+    engine = llm.engine
+    seqs = [engine.add_request(ids, params) for ids in (older, newer)]
+    while not all(s.finished for s in seqs):
+        engine.step()
+    assert [s.output_ids for s in seqs] == alone
+    assert seqs[1].metrics.preemptions >= 1 and seqs[0].metrics.preemptions == 0
+    assert engine.cache.usage() == 0.0

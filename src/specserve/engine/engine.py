@@ -216,7 +216,11 @@ class Engine:
             if not self.cache.ensure(seq.slot, seq.num_cached + 1 + k) and not self._make_room(
                 seq, seq.num_cached + 1, kept
             ):
-                raise KVCacheFull("the KV cache cannot hold one sequence")  # capacity >= max_len prevents this
+                if not kept:
+                    raise KVCacheFull("the KV cache cannot hold one sequence")  # capacity >= max_len prevents this
+                # older sequences hold the blocks: this one steps out (recompute) and comes back
+                self._preempt(seq)
+                continue
             kept.append(seq)
         keep = {id(s) for s in kept}
         budgets = [
