@@ -89,12 +89,17 @@ def test_position_acceptance_and_equivalence(records):
     assert [(r.prompt_id, r.first_divergence) for r in differ] == [(3, 0)]
 
 
-def test_format_report(records):
-    prompts = [Prompt(Question(i, c, ("q",)), [1, 2]) for i, c in ((1, "a"), (2, "a"), (3, "b"))]
+def _report(records, notes=()) -> str:
+    """The report of an ngram run over the records' prompts (category a or b)."""
+    prompts = [Prompt(Question(i, c, ("q",)), [1, 2]) for i, c in {r.prompt_id: r.category for r in records}.items()]
     model = {"model": "/x/m.gguf", "family": "llama", "parameters": 1_000_000}
     res = SpecBenchResult({"CPU": "test"}, model, prompts, ["ngram"], {PLAIN: None, "ngram": "ngram"}, 32, 1, 1,
-                          None, True, records, notes=["hello"])
-    report = format_report(res)
+                          None, True, records, notes=list(notes))
+    return format_report(res)
+
+
+def test_format_report(records):
+    report = _report(records, notes=["hello"])
     assert report.startswith("## specserve bench spec")
     assert "| CPU | test |" in report and "m.gguf (llama, 1.0M parameters)" in report
     assert "| a | 2.67x |" in report and "| b | 0.50x |" in report
@@ -110,11 +115,7 @@ def test_report_flags_a_divergence_that_is_not_a_near_tie(records):
     records[-1].divergence_margin = 2.0
     records.append(rec("ngram", 4, "b", 5, 5, 1.0, ids=[1, 2, 9, 9, 9], plain_ids=[1, 2, 3, 4, 5]))  # margin unknown
     records.append(rec(PLAIN, 4, "b", 5, 5, 1.0))
-    prompts = [Prompt(Question(i, c, ("q",)), [1, 2]) for i, c in ((1, "a"), (2, "a"), (3, "b"), (4, "b"))]
-    model = {"model": "/x/m.gguf", "family": "llama", "parameters": 1_000_000}
-    res = SpecBenchResult({"CPU": "test"}, model, prompts, ["ngram"], {PLAIN: None, "ngram": "ngram"}, 32, 1,
-                          1, None, True, records)
-    report = format_report(res)
+    report = _report(records)
     assert "| ngram | 2/4 | 0 | 2 | **NOT lossless** | — |" in report
     assert "b-3 (rep 0) at token 0, margin 2" in report and "b-4 (rep 0) at token 2, margin unknown" in report
 

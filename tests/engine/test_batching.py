@@ -20,6 +20,7 @@ from specserve import LLM, SamplingParams
 from specserve.bench.workload import load_questions
 from specserve.engine.engine import Engine
 from specserve.equivalence import compare_greedy
+from tests.spec.views import run_together
 
 NUM_PROMPTS = 64
 MAX_PROMPT = 600
@@ -173,10 +174,7 @@ def test_a_newer_sequence_that_outgrows_the_pool_steps_out_for_the_older_one():
     params = SamplingParams(max_tokens=28, ignore_eos=True)
     alone = [llm.generate([ids], params)[0].token_ids for ids in (older, newer)]
     llm.reset_prefix_cache()
-    engine = llm.engine
-    seqs = [engine.add_request(ids, params) for ids in (older, newer)]
-    while not all(s.finished for s in seqs):
-        engine.step()
+    seqs = run_together(llm, [older, newer], [params, params])
     assert [s.output_ids for s in seqs] == alone
     assert seqs[1].metrics.preemptions >= 1 and seqs[0].metrics.preemptions == 0
-    assert engine.cache.usage() == 0.0
+    assert llm.engine.cache.usage() == 0.0
