@@ -182,7 +182,7 @@ class LLM:
         if spec is None:
             return SpecSetup(None, None, None, FixedSpecPolicy(0))
         if num_spec_tokens is None:
-            num_spec_tokens = 8 if spec in ("ngram", "suffix") else 10 if spec.partition(":")[0] == "eagle" else 4
+            num_spec_tokens = 8 if spec in ("ngram", "suffix") else 10 if spec.partition(":")[0] in ("eagle", "medusa") else 4
         runner = self.engine.runner
         drafter = make_drafter(spec, runner, self.tokenizer, num_spec_tokens, self.max_num_seqs)
         if adaptive:

@@ -112,8 +112,8 @@ def build_parser() -> ArgumentParser:
     add(
         "--spec",
         metavar="METHOD",
-        help="speculative decoding: ngram, suffix, draft-model:PATH, layer-skip[:L1,L2,...] or eagle[:DIR] "
-        "(default: off)",
+        help="speculative decoding: ngram, suffix, draft-model:PATH, layer-skip[:L1,L2,...], eagle[:DIR] or "
+        "medusa:DIR (default: off)",
     )
     add(
         "--num-spec-tokens",
@@ -147,14 +147,16 @@ def build_parser() -> ArgumentParser:
 
     t = commands.add_parser(
         "train-drafter",
-        help="train an EAGLE draft head for a target by self-distillation",
+        help="train an EAGLE head or Medusa heads for a target by self-distillation",
         description="Synthesize prompts (no Spec-Bench question), let the target answer them, and train an "
-        "EAGLE head on its features and tokens. Data and a checkpoint per epoch are kept in --out, so a stopped "
-        "run resumes. Use the result with --spec eagle:DIR.",
+        "EAGLE head or Medusa heads on its features and tokens. Data and a checkpoint per epoch are kept in --out, "
+        "so a stopped run resumes; a data.pt copied into a new --out is reused (e.g. to train the other kind on the "
+        "same data). Use the result with "
+        "--spec eagle:DIR or --spec medusa:DIR.",
     )
     add = t.add_argument
     add("--target", metavar="PATH", help="the target (.gguf or HF directory; default: SmolLM2-135M-Instruct)")
-    add("--kind", choices=("eagle",), default="eagle", help="the head to train (default: eagle)")
+    add("--kind", choices=("eagle", "medusa"), default="eagle", help="the head to train (default: eagle)")
     add("--out", required=True, metavar="DIR", help="output directory (data, checkpoint, head)")
     add("--dtype", choices=DTYPE_CHOICES, help="dtype of the target while it writes the data (default: bfloat16 where the hardware has it)")
     add("--prompts", type=_count(8), default=640, metavar="N", help="synthesized prompts (default: 640, plus 30%% passage tasks)")
@@ -164,6 +166,8 @@ def build_parser() -> ArgumentParser:
     add("--lr", type=_number, default=1e-3, metavar="LR", help="peak learning rate, > 0 (default: 1e-3)")
     add("--draft-vocab", type=_count(16), default=8192, metavar="V", help="draft vocabulary size (default: 8192)")
     add("--seed", type=int, default=0, metavar="S", help="prompt synthesis and training seed (default: 0)")
+    add("--medusa-heads", type=_count(1), default=4, metavar="K", help="Medusa: number of heads (default: 4)")
+    add("--medusa-layers", type=_count(1), default=1, metavar="L", help="Medusa: residual blocks per head (default: 1)")
     t.set_defaults(func=cmd_train_drafter, parser=t)
 
     b = commands.add_parser("bench", help="benchmarks", description="Benchmarks on the Spec-Bench questions.")
@@ -285,6 +289,11 @@ def _check_spec(parser: ArgumentParser, spec: str | None) -> None:
     elif name == "eagle":
         if colon and not os.path.isdir(arg):
             parser.error(f"--spec: eagle head directory does not exist: {arg}")
+    elif name == "medusa":
+        if not arg:
+            parser.error("--spec: medusa needs the heads' directory: medusa:DIR (see `specserve train-drafter`)")
+        if not os.path.isdir(arg):
+            parser.error(f"--spec: medusa head directory does not exist: {arg}")
     else:
         parser.error(f"--spec: unknown method {spec!r}; choose one of {choices}")
 
@@ -460,18 +469,20 @@ def cmd_train_drafter(parser: ArgumentParser, args: argparse.Namespace) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out: not a directory: {args.out}")
     from specserve.api import LLM
-    from specserve.spec.train import TrainConfig, train_eagle
+    from specserve.spec.train import TrainConfig, train_drafter
 
     try:
         llm = LLM(args.target, dtype=args.dtype, max_num_seqs=32, max_model_len=2048)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         parser.error(f"--target: cannot load {args.target or 'the default model'}: {exc}")
     cfg = TrainConfig(prompts=args.prompts, max_tokens=args.max_tokens, epochs=args.epochs,
-                      batch_size=args.batch_size, lr=float(args.lr), draft_vocab=args.draft_vocab, seed=args.seed)
+                      batch_size=args.batch_size, lr=float(args.lr), draft_vocab=args.draft_vocab, seed=args.seed,
+                      kind=args.kind, medusa_heads=args.medusa_heads, medusa_layers=args.medusa_layers)
     try:
-        out = train_eagle(llm, args.out, cfg, log=lambda line: print(line, file=sys.stderr))
+        out = train_drafter(llm, args.out, cfg, log=lambda line: print(line, file=sys.stderr))
     except ValueError as exc:
-        parser.error(f"--target: {_one_line(exc)}")
+        flag = "--out" if "checkpoint" in str(exc) else "--target"
+        parser.error(f"{flag}: {_one_line(exc)}")
     print(out)
     return 0
 

@@ -21,7 +21,6 @@ entries as scratch and never committed.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -34,21 +33,10 @@ from torch import nn
 from specserve.config import ModelConfig
 from specserve.model.layers import AttentionMetadata, DecoderLayer, RMSNorm
 from specserve.spec.base import DraftProposal, SequenceView
+from specserve.spec.heads import bind_lm_rows, finish_load, read_head_dir, save_head_dir
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "head.safetensors"
 PACKAGED_HEADS = Path(__file__).resolve().parent.parent / "heads"
 DEFAULT_EAGLE = PACKAGED_HEADS / "smollm2-135m-instruct-eagle"
-
-
-def lm_head_weight(target: Any) -> torch.Tensor:
-    """The target's LM head matrix `[vocab, hidden]` (the embedding when tied)."""
-    if target.config.tie_word_embeddings:
-        return target.embed_tokens.weight
-    weight = getattr(target.lm_head, "weight", None)
-    if weight is None:  # prepacked for oneDNN: the plain matrix is gone
-        raise ValueError("an EAGLE head needs the target's LM head matrix: load the target in float32")
-    return weight
 
 
 class EagleHead(nn.Module):
@@ -57,6 +45,8 @@ class EagleHead(nn.Module):
     The target's embeddings, rotary table and LM head rows are borrowed (`bind`), not
     stored: the saved head is the fc, the layer, the norm and the draft vocabulary.
     """
+
+    kind = "eagle"
 
     def __init__(self, cfg: ModelConfig, draft_vocab_size: int) -> None:
         super().__init__()
@@ -72,8 +62,7 @@ class EagleHead(nn.Module):
     def bind(self, target: Any) -> EagleHead:
         """Borrow the target's embeddings, rotary table and LM head rows of the draft vocabulary."""
         object.__setattr__(self, "_target", target)  # not a submodule: never saved, never trained
-        weight = lm_head_weight(target)
-        self._draft_weight = weight.detach().index_select(0, self.draft_ids.to(weight.device))
+        self._draft_weight = bind_lm_rows(target, self.draft_ids)
         return self
 
     def forward(
@@ -96,56 +85,20 @@ class EagleHead(nn.Module):
     def logits(self, feats: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, draft vocab] fp32
         return (feats.to(self._draft_weight.dtype) @ self._draft_weight.T).float()
 
+    def config_entries(self) -> dict[str, Any]:
+        return {}  # the target's shapes are all it needs
+
 
 def save_head(head: EagleHead, out_dir: str | os.PathLike[str], meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in head.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME))
-    cfg = head.config
-    info = {
-        "kind": "eagle",
-        "hidden_size": cfg.hidden_size,
-        "vocab_size": cfg.vocab_size,
-        "num_heads": cfg.num_heads,
-        "num_kv_heads": cfg.num_kv_heads,
-        "draft_vocab_size": int(head.draft_ids.numel()),
-        **meta,
-    }
-    (out / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    save_head_dir(head, out_dir, meta)
 
 
 def load_head(path: str | os.PathLike[str], target: nn.Module) -> EagleHead:
     """Load a head saved by `save_head` for this target (checked against its shapes)."""
-    from safetensors.torch import load_file
-
-    root = Path(path)
-    if not (root / CONFIG_NAME).is_file() or not (root / WEIGHTS_NAME).is_file():
-        raise ValueError(f"eagle:{path}: not a draft head directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    info = json.loads((root / CONFIG_NAME).read_text(encoding="utf-8"))
-    cfg: ModelConfig = target.config
-    if info.get("kind") != "eagle":
-        raise ValueError(f"eagle:{path}: the head is of kind {info.get('kind')!r}, not 'eagle'")
-    for key in ("hidden_size", "vocab_size", "num_heads", "num_kv_heads"):
-        if info.get(key) != getattr(cfg, key):
-            raise ValueError(
-                f"eagle:{path}: the head was trained for a target with {key} {info.get(key)}, "
-                f"this model has {getattr(cfg, key)} (train one with `specserve train-drafter`)"
-            )
-    head = EagleHead(cfg, int(info["draft_vocab_size"]))
-    head.load_state_dict(load_file(str(root / WEIGHTS_NAME)))
-    head = head.to(device=target.device, dtype=target.dtype)
-    head.draft_ids = head.draft_ids.long()
-    head.eval().requires_grad_(False)
-    head.info = info
-    if any(type(m).__name__ == "PackedLinear" for m in target.modules()):
-        from specserve.model.cpu_kernels import pack_linears
-
-        pack_linears(head)  # the target's bf16 fast path, for the head's own linears too
-    return head.bind(target)
+    info, state = read_head_dir(path, target, "eagle")
+    head = EagleHead(target.config, int(info["draft_vocab_size"]))
+    head.load_state_dict(state)
+    return finish_load(head, target, info)
 
 
 @dataclass

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from specserve.model.layers import CausalBatch
-from specserve.spec.eagle import EagleHead, lm_head_weight, save_head
+from specserve.spec.eagle import EagleHead, save_head
+from specserve.spec.heads import lm_head_weight
 
 TOPICS = (
     "volcanoes", "honeybees", "the printing press", "solar panels", "coral reefs", "the Roman roads", "jazz",
@@ -141,6 +142,9 @@ class TrainConfig:
     unroll: int = 2  # training-time test: later steps feed the head its own predicted features
     seed: int = 0
     batch_generate: int = 32  # requests in flight while generating the data
+    kind: str = "eagle"  # eagle | medusa
+    medusa_heads: int = 4  # Medusa: heads (head k guesses the k-th token after the next)
+    medusa_layers: int = 1  # Medusa: residual blocks per head
 
 
 def _progress(iterable=None, **kw):
@@ -249,13 +253,22 @@ def _batch_tensors(data, idx: list[int], to_draft: torch.Tensor, feat_std: float
     return tok_in, feat_in, feat_next, label, weight
 
 
-def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
-    """Train (or resume) an EAGLE head for `llm`'s model; returns the output directory."""
-    out = Path(out_dir)
+@dataclass
+class Prepared:
+    """The samples, the draft vocabulary and what the saved head's config says of the data."""
+
+    data: dict[str, Any]
+    draft_ids: torch.Tensor  # [draft vocab] target ids, ascending
+    to_draft: torch.Tensor  # [vocab] target id -> draft index, -100 outside the draft vocabulary
+    feat_std: float
+    stats: dict[str, Any]
+
+
+def _prepare(llm, out: Path, cfg: TrainConfig, log) -> Prepared:
+    """Load the cached samples in OUT or generate them; pick the draft vocabulary."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = llm.engine.runner.model
-    mcfg = model.config
+    mcfg = llm.engine.runner.model.config
     data_path = out / "data.pt"
     if data_path.is_file():
         data = torch.load(data_path, weights_only=False)
@@ -264,17 +277,84 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
         data = build_data(llm, cfg)
         torch.save(data, data_path)
         log(f"data: {data['num_prompts']} samples generated in {data['seconds'] / 60:.1f} min")
-    num_tokens = sum(len(t) for t in data["tokens"])
-    response_tokens = sum(len(t) - s for t, s in zip(data["tokens"], data["response_start"]))
-    eos = sorted(llm.engine.eos_ids)
-    draft_ids = draft_vocabulary(data, cfg.draft_vocab, eos, mcfg.vocab_size)
+    draft_ids = draft_vocabulary(data, cfg.draft_vocab, sorted(llm.engine.eos_ids), mcfg.vocab_size)
     to_draft = torch.full((mcfg.vocab_size,), -100, dtype=torch.long)
     to_draft[draft_ids] = torch.arange(len(draft_ids))
     counts = torch.zeros(mcfg.vocab_size, dtype=torch.long)
     for ids, start in zip(data["tokens"], data["response_start"]):
         counts += torch.bincount(ids[start:].long(), minlength=mcfg.vocab_size)
     coverage = float(counts[draft_ids].sum()) / max(int(counts.sum()), 1)
+    stats = {
+        "data": f"{data['num_prompts']} prompts synthesized by specserve.spec.train (templates and topics, "
+                "passage tasks over the target's own answers; no Spec-Bench question), answered greedily "
+                f"by the target, at most {cfg.max_tokens} new tokens",
+        "tokens": sum(len(t) for t in data["tokens"]),
+        "response_tokens": sum(len(t) - s for t, s in zip(data["tokens"], data["response_start"])),
+        "draft_vocab_coverage": round(coverage, 4),
+        "data_minutes": round(data["seconds"] / 60, 1),
+    }
     feat_std = float(torch.cat([f[:64].float() for f in data["feats"]]).std())
+    return Prepared(data, draft_ids, to_draft, feat_std, stats)
+
+
+class _Checkpoints:
+    """One checkpoint per epoch in OUT (head, optimizer, schedule, RNG): a stopped run resumes."""
+
+    def __init__(self, out: Path, head: nn.Module, opt, sched, log) -> None:
+        self.path, self.head, self.opt, self.sched = out / "checkpoint.pt", head, opt, sched
+        self.first_epoch, self.seconds, self.rng_state = 0, 0.0, None
+        if self.path.is_file():
+            ckpt = torch.load(self.path, weights_only=False)
+            kind = ckpt.get("kind", "eagle")
+            try:
+                if kind != head.kind:
+                    raise ValueError(f"it holds a {kind} head")
+                head.load_state_dict(ckpt["head"])
+            except (ValueError, RuntimeError) as exc:
+                raise ValueError(
+                    f"{self.path} is not a checkpoint of this {head.kind} head ({str(exc).splitlines()[0]}); "
+                    "train in another directory or delete it"
+                ) from exc
+            opt.load_state_dict(ckpt["opt"])
+            sched.load_state_dict(ckpt["sched"])
+            self.first_epoch, self.seconds, self.rng_state = ckpt["epoch"], ckpt["seconds"], ckpt["rng"]
+            log(f"resuming after epoch {self.first_epoch}")
+
+    def save(self, epoch: int, seconds: float, rng_state) -> None:
+        self.seconds = seconds
+        torch.save({"kind": self.head.kind, "head": self.head.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                    "epoch": epoch, "seconds": seconds, "rng": rng_state}, self.path)
+
+
+def _optimizer(params, cfg: TrainConfig, total_steps: int):
+    """AdamW with a 50-step warm-up and a cosine decay over the run."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s / max(total_steps, 1), 1.0)))
+    )
+    return opt, sched
+
+
+def _target_name(llm) -> str:
+    return os.path.basename(str(llm.info().get("model", "")))
+
+
+def train_drafter(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
+    """Train (or resume) the head of `cfg.kind` for `llm`'s model; returns the output directory."""
+    if cfg.kind == "medusa":
+        return train_medusa(llm, out_dir, cfg, log)
+    if cfg.kind == "eagle":
+        return train_eagle(llm, out_dir, cfg, log)
+    raise ValueError(f"unknown head kind {cfg.kind!r}; choose eagle or medusa")
+
+
+def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
+    """Train (or resume) an EAGLE head for `llm`'s model; returns the output directory."""
+    out = Path(out_dir)
+    prep = _prepare(llm, out, cfg, log)
+    data, draft_ids, to_draft, feat_std = prep.data, prep.draft_ids, prep.to_draft, prep.feat_std
+    model = llm.engine.runner.model
+    mcfg = model.config
 
     head = EagleHead(mcfg, len(draft_ids))
     head.draft_ids.copy_(draft_ids)
@@ -291,24 +371,14 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     head = head.float()
     head.bind(_frozen_target(model))
     params = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(cfg.seed)
     per_epoch = len(_batches(data, cfg.batch_size, random.Random(0)))
-    total_steps = cfg.epochs * per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s / max(total_steps, 1), 1.0)))
-    )
-    first_epoch, spent = 0, 0.0
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        head.load_state_dict(ckpt["head"])
-        opt.load_state_dict(ckpt["opt"])
-        sched.load_state_dict(ckpt["sched"])
-        first_epoch, spent = ckpt["epoch"], ckpt["seconds"]
-        rng.setstate(ckpt["rng"])
-        log(f"resuming after epoch {first_epoch}")
-    for epoch in range(first_epoch, cfg.epochs):
+    opt, sched = _optimizer(params, cfg, cfg.epochs * per_epoch)
+    ckpt = _Checkpoints(out, head, opt, sched, log)
+    if ckpt.rng_state is not None:
+        rng.setstate(ckpt.rng_state)
+    spent = ckpt.seconds
+    for epoch in range(ckpt.first_epoch, cfg.epochs):
         t0 = time.time()
         head.train()
         stats = [0.0, 0.0, 0.0, 0]  # feature loss, token loss, top-1 hits, tokens
@@ -348,20 +418,95 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
         n = max(stats[3], 1)
         log(f"epoch {epoch + 1}: feature loss {stats[0] / n:.4f}, token loss {stats[1] / n:.3f}, "
             f"top-1 {stats[2] / n:.1%} ({(time.time() - t0) / 60:.1f} min)")
-        torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "epoch": epoch + 1, "seconds": spent, "rng": rng.getstate()}, ckpt_path)
-    meta = {
-        "target": os.path.basename(str(llm.info().get("model", ""))),
-        "training": {
-            "data": f"{data['num_prompts']} prompts synthesized by specserve.spec.train (templates and topics, "
-                    "passage tasks over the target's own answers; no Spec-Bench question), answered greedily "
-                    f"by the target, at most {cfg.max_tokens} new tokens",
-            "tokens": num_tokens, "response_tokens": response_tokens,
-            "draft_vocab_coverage": round(coverage, 4),
-            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "noise": cfg.noise, "unroll": cfg.unroll,
-            "data_minutes": round(data["seconds"] / 60, 1), "train_minutes": round(spent / 60, 1),
-        },
-    }
-    save_head(head, out, meta)
-    log(f"head: {out} (draft vocabulary {len(draft_ids)} tokens covering {coverage:.1%} of the answers)")
+        ckpt.save(epoch + 1, spent, rng.getstate())
+    training = {**prep.stats, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "noise": cfg.noise,
+                "unroll": cfg.unroll, "train_minutes": round(spent / 60, 1)}
+    save_head(head, out, {"target": _target_name(llm), "training": training})
+    log(f"head: {out} (draft vocabulary {len(draft_ids)} tokens covering {prep.stats['draft_vocab_coverage']:.1%} "
+        "of the answers)")
+    return out
+
+
+def _medusa_rows(data: dict[str, Any], to_draft: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position p whose first Medusa label t_{p+2} is a response token: (features
+    `[N, hidden]` bf16, labels `[N, K]` in draft indices, -100 where a head has none)."""
+    feats, labels = [], []
+    for ids, f, start in zip(data["tokens"], data["feats"], data["response_start"]):
+        ids = ids.long()
+        n = len(ids)
+        first = max(start - 2, 0)  # p + 2 >= start
+        if n - 2 <= first:
+            continue
+        pos = torch.arange(first, n - 2)
+        lab = torch.full((len(pos), num_heads), -100, dtype=torch.long)
+        for k in range(num_heads):
+            target = pos + 2 + k
+            ok = target < n
+            lab[ok, k] = to_draft[ids[target[ok]]]
+        feats.append(f[first : n - 2])
+        labels.append(lab)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def train_medusa(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
+    """Train (or resume) Medusa heads for `llm`'s model; returns the output directory.
+
+    Head k learns the target's token t_{p+1+k} from its feature f_p (cross-entropy over
+    the draft vocabulary, head k weighted 0.8^(k-1) as in Medusa); the LM head rows are
+    the target's, frozen. The samples are position-wise, so batches are shuffled rows.
+    """
+    from specserve.spec.medusa import MedusaHead
+    from specserve.spec.medusa import save_head as save_medusa
+
+    out = Path(out_dir)
+    prep = _prepare(llm, out, cfg, log)
+    model = llm.engine.runner.model
+    K = cfg.medusa_heads
+    feats, labels = _medusa_rows(prep.data, prep.to_draft, K)
+    head = MedusaHead(model.config, K, len(prep.draft_ids), cfg.medusa_layers)
+    head.draft_ids.copy_(prep.draft_ids)
+    head.bind(_frozen_target(model))
+    params = list(head.parameters())
+    rows_per_batch = cfg.batch_size * 64
+    per_epoch = math.ceil(len(feats) / rows_per_batch)
+    opt, sched = _optimizer(params, cfg, cfg.epochs * per_epoch)
+    ckpt = _Checkpoints(out, head, opt, sched, log)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    weights = torch.tensor([0.8**k for k in range(K)])
+    spent = ckpt.seconds
+    for epoch in range(ckpt.first_epoch, cfg.epochs):
+        t0 = time.time()
+        gen.manual_seed(cfg.seed + epoch)
+        order = torch.randperm(len(feats), generator=gen)
+        hits, seen, total_loss = torch.zeros(K), torch.zeros(K), 0.0
+        bar = _progress(range(per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+        for b in bar:
+            idx = order[b * rows_per_batch : (b + 1) * rows_per_batch]
+            lab = labels[idx].T  # [K, B]
+            logits = head.logits(head(feats[idx].float()))  # [K, B, Vd]
+            losses = torch.stack([F.cross_entropy(logits[k], lab[k], ignore_index=-100) for k in range(K)])
+            losses = torch.nan_to_num(losses)  # a head without labels in the batch
+            loss = (losses * weights).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                valid = lab != -100
+                hits += ((logits.argmax(-1) == lab) & valid).sum(1).float()
+                seen += valid.sum(1).float()
+            total_loss += float(loss.detach())
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        bar.close()
+        spent += time.time() - t0
+        top1 = ", ".join(f"{h / max(s, 1):.1%}" for h, s in zip(hits.tolist(), seen.tolist()))
+        log(f"epoch {epoch + 1}: loss {total_loss / per_epoch:.3f}, top-1 per head {top1} "
+            f"({(time.time() - t0) / 60:.1f} min)")
+        ckpt.save(epoch + 1, spent, None)
+    training = {**prep.stats, "rows": len(feats), "epochs": cfg.epochs, "batch_rows": rows_per_batch, "lr": cfg.lr,
+                "train_minutes": round(spent / 60, 1)}
+    save_medusa(head, out, {"target": _target_name(llm), "training": training})
+    log(f"heads: {out} ({K} Medusa heads; draft vocabulary {len(prep.draft_ids)} tokens covering "
+        f"{prep.stats['draft_vocab_coverage']:.1%} of the answers)")
     return out

@@ -1,0 +1,85 @@
+"""Saving and loading trained draft heads (EAGLE, Medusa): a directory with a
+`config.json` (the kind, the target shapes it was trained for, how it was trained) and
+`head.safetensors` (bf16 weights). The target's embeddings and LM head are borrowed at
+load time, never saved."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "head.safetensors"
+TARGET_KEYS = ("hidden_size", "vocab_size", "num_heads", "num_kv_heads")
+
+
+def lm_head_weight(target: Any) -> torch.Tensor:
+    """The target's LM head matrix `[vocab, hidden]` (the embedding when tied)."""
+    if target.config.tie_word_embeddings:
+        return target.embed_tokens.weight
+    weight = getattr(target.lm_head, "weight", None)
+    if weight is None:  # prepacked for oneDNN: the plain matrix is gone
+        raise ValueError("a trained draft head needs the target's LM head matrix: load the target in float32")
+    return weight
+
+
+def bind_lm_rows(target: Any, draft_ids: torch.Tensor) -> torch.Tensor:
+    """The target's LM head rows of a draft vocabulary `[draft vocab, hidden]`."""
+    weight = lm_head_weight(target)
+    return weight.detach().index_select(0, draft_ids.to(weight.device))
+
+
+def save_head_dir(head: nn.Module, out_dir: str | os.PathLike[str], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in head.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_NAME))
+    cfg = head.config
+    info = {
+        "kind": head.kind,
+        **{key: getattr(cfg, key) for key in TARGET_KEYS},
+        "draft_vocab_size": int(head.draft_ids.numel()),
+        **head.config_entries(),
+        **meta,
+    }
+    (out / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def read_head_dir(path: str | os.PathLike[str], target: nn.Module, kind: str) -> tuple[dict[str, Any], dict]:
+    """(config, weights) of a head directory of `kind`, checked against the target's shapes."""
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    if not (root / CONFIG_NAME).is_file() or not (root / WEIGHTS_NAME).is_file():
+        raise ValueError(f"{kind}:{path}: not a draft head directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    info = json.loads((root / CONFIG_NAME).read_text(encoding="utf-8"))
+    if info.get("kind") != kind:
+        raise ValueError(f"{kind}:{path}: the head is of kind {info.get('kind')!r}, not {kind!r}")
+    for key in TARGET_KEYS:
+        if info.get(key) != getattr(target.config, key):
+            raise ValueError(
+                f"{kind}:{path}: the head was trained for a target with {key} {info.get(key)}, "
+                f"this model has {getattr(target.config, key)} (train one with `specserve train-drafter`)"
+            )
+    return info, load_file(str(root / WEIGHTS_NAME))
+
+
+def finish_load(head: nn.Module, target: nn.Module, info: dict[str, Any]):
+    """Move a freshly loaded head to the target's device and dtype, frozen, bound to the target."""
+    head = head.to(device=target.device, dtype=target.dtype)
+    head.draft_ids = head.draft_ids.long()
+    head.eval().requires_grad_(False)
+    head.info = info
+    if any(type(m).__name__ == "PackedLinear" for m in target.modules()):
+        from specserve.model.cpu_kernels import pack_linears
+
+        pack_linears(head)  # the target's bf16 fast path, for the head's own linears too
+    return head.bind(target)
