@@ -113,7 +113,7 @@ def build_parser() -> ArgumentParser:
         "--spec",
         metavar="METHOD",
         help="speculative decoding: ngram, suffix, draft-model:PATH, layer-skip[:L1,L2,...], eagle[:DIR] or "
-        "medusa:DIR (default: off)",
+        "medusa[:DIR] (default: off)",
     )
     add(
         "--num-spec-tokens",
@@ -290,9 +290,7 @@ def _check_spec(parser: ArgumentParser, spec: str | None) -> None:
         if colon and not os.path.isdir(arg):
             parser.error(f"--spec: eagle head directory does not exist: {arg}")
     elif name == "medusa":
-        if not arg:
-            parser.error("--spec: medusa needs the heads' directory: medusa:DIR (see `specserve train-drafter`)")
-        if not os.path.isdir(arg):
+        if colon and not os.path.isdir(arg):
             parser.error(f"--spec: medusa head directory does not exist: {arg}")
     else:
         parser.error(f"--spec: unknown method {spec!r}; choose one of {choices}")

@@ -15,7 +15,7 @@ import torch
 from specserve.equivalence import compare_greedy
 from specserve.sampling.params import SamplingParams
 from specserve.spec.base import SequenceView
-from specserve.spec.medusa import MedusaDrafter, MedusaHead, best_first_tree, load_head, save_head
+from specserve.spec.medusa import DEFAULT_MEDUSA, MedusaDrafter, MedusaHead, best_first_tree, load_head, save_head
 from specserve.spec.tree import check_tree
 from tests.spec.test_eagle import PROMPTS, _features
 from tests.spec.views import run_together
@@ -166,6 +166,24 @@ def test_seeded_sampling_equals_plain(llm_fp32, echo_heads):
         assert s.output_ids == p.token_ids
 
 
+@pytest.mark.skipif(not (DEFAULT_MEDUSA / "head.safetensors").is_file(), reason="no packaged heads")
+def test_packaged_heads_greedy_equal_plain_fp32_batched(llm_fp32):
+    llm = llm_fp32
+    prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+    params = SamplingParams(max_tokens=64)
+    plain = llm.generate(prompts, params)
+    llm.set_spec("medusa", 10, False)
+    try:
+        out = llm.generate(prompts, params)  # all six in one batch
+    finally:
+        llm.set_spec(None)
+    for p, o in zip(plain, out):
+        assert o.token_ids == p.token_ids
+    accepted = sum(o.metrics.accepted_tokens for o in out)
+    forwards = sum(o.metrics.forward_passes for o in out)
+    assert (accepted + forwards) / forwards > 1.15  # the trained heads draft tokens the target accepts
+
+
 def test_train_medusa_end_to_end(llm_fp32, tmp_path):
     """A tiny run: data, a checkpoint, heads that load and are lossless; a second run
     resumes; an EAGLE checkpoint in the directory is refused with a clear error."""
@@ -195,5 +213,5 @@ def test_heads_of_another_kind_are_refused(llm_fp32, random_heads):
 
     with pytest.raises(ValueError, match="kind 'medusa', not 'eagle'"):
         load_eagle(random_heads, llm_fp32.engine.runner.model)
-    with pytest.raises(ValueError, match="medusa:DIR"):
-        llm_fp32.set_spec("medusa")
+    with pytest.raises(ValueError, match="not a draft head directory"):
+        llm_fp32.set_spec(f"medusa:{random_heads}/..")

@@ -37,7 +37,7 @@ def _harness_options(p: argparse.ArgumentParser, n_per_category: int, repetition
     add("--ignore-eos", action="store_true",
         help="every method runs to --max-tokens (default: every method stops at the target's EOS ids)")
     add("--num-spec-tokens", type=base._spec_tokens, metavar="K",
-        help="most draft tokens per step for our drafters, in [1, 32] (default: 8 ngram/suffix, 4 model drafters)")
+        help="most draft tokens per step for our drafters, in [1, 32] (default: 8 ngram/suffix, 10 eagle/medusa, 4 draft-model/layer-skip)")
     add("--no-adaptive-spec", dest="adaptive_spec", action="store_false", help="fixed draft length K for ours")
     add("--out", default="bench_out", metavar="DIR", help="where raw JSONL and reports go (default: bench_out/)")
 

@@ -18,6 +18,9 @@ from specserve.bench.workload import Question, filter_categories, load_questions
 from specserve.equivalence import NEAR_TIE, first_divergence  # noqa: F401  (re-exported for the benches)
 from specserve.sampling.params import SamplingParams
 
+# what `LLM.build_spec` drafts at most per step when no length is given
+DEFAULT_DRAFT_LENGTHS = "8 (ngram/suffix), 10 tree nodes (eagle/medusa) or 4 (draft-model/layer-skip)"
+
 
 @dataclass
 class Prompt:

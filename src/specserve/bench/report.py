@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from specserve.bench.common import DEFAULT_DRAFT_LENGTHS
 from specserve.bench.methods import PEER_METHODS
 from specserve.bench.records import PLAIN, RequestRecord, RunMeta, iter_jsonl
 from specserve.equivalence import first_divergence
@@ -166,7 +167,7 @@ def header_lines(data: HarnessData) -> list[str]:
         ("decoding", f"greedy, batch size 1, at most {cfg.get('max_tokens')} new tokens, EOS {eos}"),
         ("runs", (f"{cfg.get('warmup')} warm-up per method, {cfg.get('repetitions')} repetitions; per prompt our "
                  "plain decoding first, then every other method")),
-        ("draft length", (f"ours: {cfg.get('num_spec_tokens') or '8 (ngram/suffix) or 4 (model drafters)'}"
+        ("draft length", (f"ours: {cfg.get('num_spec_tokens') or DEFAULT_DRAFT_LENGTHS}"
                          f"{', adaptive' if cfg.get('adaptive') else ', fixed'}; peers: 10 (their default)")),
     ]
     if cfg.get("draft_model"):

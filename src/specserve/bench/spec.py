@@ -31,6 +31,7 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from specserve.bench.common import (
+    DEFAULT_DRAFT_LENGTHS,
     PlainMargins,
     Prompt,
     build_prompts,
@@ -49,7 +50,7 @@ from specserve.bench.common import (
 from specserve.sampling.params import SamplingParams
 
 PLAIN = "plain"
-METHODS = ("ngram", "suffix", "draft-model", "layer-skip", "eagle")
+METHODS = ("ngram", "suffix", "draft-model", "layer-skip", "eagle", "medusa")
 DEFAULT_DRAFT_LAYERS = 8
 
 
@@ -263,7 +264,7 @@ def _pct(x: float) -> str:
 def format_report(res: SpecBenchResult) -> str:
     cats = res.categories
     recs = res.records
-    k = res.num_spec_tokens if res.num_spec_tokens is not None else "8 (ngram/suffix) or 4 (model drafters)"
+    k = res.num_spec_tokens if res.num_spec_tokens is not None else DEFAULT_DRAFT_LENGTHS
     rows = [
         (
             "workload",

@@ -11,7 +11,7 @@ from specserve.engine.runner import ForwardItem, ModelRunner
 from specserve.spec.base import Drafter, DraftProposal, SequenceView
 from specserve.spec.policy import AdaptiveSpecPolicy, FixedSpecPolicy, ForwardCost, SpecPolicy
 
-SPEC_METHODS = ("ngram", "suffix", "draft-model:PATH", "layer-skip[:L1,L2,...]", "eagle[:DIR]", "medusa:DIR")
+SPEC_METHODS = ("ngram", "suffix", "draft-model:PATH", "layer-skip[:L1,L2,...]", "eagle[:DIR]", "medusa[:DIR]")
 
 __all__ = [
     "SPEC_METHODS",
@@ -73,13 +73,13 @@ def make_drafter(
         head = load_head(arg or DEFAULT_EAGLE, model)
         return EagleDrafter(head, runner.cache.num_slots, runner.cache.max_len)
     if name == "medusa":
-        if not arg:
-            raise ValueError("spec 'medusa' needs a head directory: medusa:DIR (train one with "
-                             "`specserve train-drafter --kind medusa`)")
-        from specserve.spec.medusa import MedusaDrafter
+        from specserve.spec.medusa import DEFAULT_MEDUSA, MedusaDrafter
         from specserve.spec.medusa import load_head as load_medusa
 
-        return MedusaDrafter(load_medusa(arg, model))
+        if not arg and not (DEFAULT_MEDUSA / "head.safetensors").is_file():
+            raise ValueError("no packaged Medusa heads: train them with `specserve train-drafter --kind medusa` "
+                             "and use medusa:DIR")
+        return MedusaDrafter(load_medusa(arg or DEFAULT_MEDUSA, model))
     raise ValueError(f"unknown spec {spec!r}; choose one of {', '.join(SPEC_METHODS)}")
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,9 +32,8 @@ from torch import nn
 from specserve.config import ModelConfig
 from specserve.model.layers import AttentionMetadata, DecoderLayer, RMSNorm
 from specserve.spec.base import DraftProposal, SequenceView
-from specserve.spec.heads import bind_lm_rows, finish_load, read_head_dir, save_head_dir
+from specserve.spec.heads import PACKAGED_HEADS, bind_lm_rows, finish_load, read_head_dir, save_head_dir
 
-PACKAGED_HEADS = Path(__file__).resolve().parent.parent / "heads"
 DEFAULT_EAGLE = PACKAGED_HEADS / "smollm2-135m-instruct-eagle"
 
 

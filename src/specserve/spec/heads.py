@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+PACKAGED_HEADS = Path(__file__).resolve().parent.parent / "heads"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "head.safetensors"
 TARGET_KEYS = ("hidden_size", "vocab_size", "num_heads", "num_kv_heads")

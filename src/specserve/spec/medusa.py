@@ -28,7 +28,9 @@ from torch import nn
 
 from specserve.config import ModelConfig
 from specserve.spec.base import DraftProposal, SequenceView
-from specserve.spec.heads import bind_lm_rows, finish_load, read_head_dir, save_head_dir
+from specserve.spec.heads import PACKAGED_HEADS, bind_lm_rows, finish_load, read_head_dir, save_head_dir
+
+DEFAULT_MEDUSA = PACKAGED_HEADS / "smollm2-135m-instruct-medusa"
 
 
 class MedusaHead(nn.Module):

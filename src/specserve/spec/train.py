@@ -72,6 +72,56 @@ TASKS = (
     "Summarize what scientists know about {topic} in three sentences.",
     "Write a haiku about {topic}, then explain it.",
     "Create a quiz with three questions about {topic}, with answers.",
+    "Write a persuasive essay arguing that every school should teach {topic}.",
+    "Write a travel blog post about a trip that was all about {topic}.",
+    "Write a short speech for a graduation ceremony that mentions {topic}.",
+    "Write a limerick about {topic}.",
+    "Write a news report about a surprising discovery involving {topic}.",
+)
+QUESTIONS = (
+    "What is the difference between {topic} and {other}?",
+    "Why is {topic} important for society?",
+    "How does {topic} work? Explain the main principles.",
+    "Who were the key people in the history of {topic}, and what did they do?",
+    "What questions about {topic} do researchers still argue about?",
+    "Discuss the cultural impact of {topic} in different countries.",
+    "What ethical issues does {topic} raise?",
+    "How did {topic} change everyday life in the twentieth century?",
+    "What should a beginner read first to understand {topic}?",
+    "What is {topic}? Answer in one paragraph.",
+)
+ROLEPLAY = (
+    "Pretend you are a {job} and describe your typical working day to {name}.",
+    "You are a tour guide in a museum about {topic}. Greet the visitors and describe the first room.",
+    "Act as a customer support agent. {name} is upset that a book about {topic} arrived late. Reply politely.",
+    "Imagine you are {name}, a scientist who has just learned something new about {topic}. Give a short press statement.",
+    "Role-play a job interview: you are hiring a {job}. Ask five questions and explain why you ask each.",
+    "You are a friendly robot teaching children about {topic}. Introduce yourself and the subject.",
+    "Stay in character as a pirate captain and tell your crew about {topic}.",
+    "You are a {job} giving advice to {name}, who wants to start a hobby related to {topic}. What do you say?",
+)
+JOBS = ("chef", "firefighter", "librarian", "pilot", "nurse", "farmer", "software engineer", "teacher", "architect",
+        "marine biologist", "journalist", "carpenter", "lawyer", "photographer")
+MATH = (
+    ("{name} reads {a} pages on Monday and twice as many on Tuesday. The book has {e} pages. How many pages are "
+    "left? Think step by step."),
+    "A bakery sells {a} loaves a day at {b} dollars each. How much does it earn in {c} days? Show the steps.",
+    "{name} saves {b} dollars every week. How many weeks until {name} has {e} dollars? Explain.",
+    "Solve for x: {a}x + {b} = {e}. Explain each step.",
+    "What is {c} percent of {e}? Explain how to compute it.",
+    "A class has {a} students and {c} of them are absent. What fraction of the class is present? Simplify it.",
+    "{name} buys {c} notebooks at {b} dollars each and pays with {e} dollars. How much change is there?",
+)
+LANGUAGES = ("French", "Spanish", "German", "Italian", "Portuguese")
+SENTENCES = (
+    "The museum about {topic} opens at nine in the morning.",
+    "My friend {name} wrote a long book about {topic}.",
+    "Could you tell me where I can learn about {topic}?",
+    "Yesterday we talked about {topic} for two hours.",
+    "Many people think that {topic} is difficult, but it is not.",
+)
+TRANSLATE = tuple(f'Translate into {{lang}}: "{sentence}"' for sentence in SENTENCES) + (
+    "How do you say \"I love {topic}\" in {lang}? Give two ways.",
 )
 REASONING = (
     ("{name} has {a} apples and buys {b} more, then gives {c} to {name2}. How many apples does {name} have? "
@@ -108,24 +158,34 @@ PASSAGE_TASKS = (
     "Based on the following article, write three questions a student might ask, with answers.\n\n{passage}",
     "{passage}\n\nWhat does the text above say about {topic}? Quote the relevant sentence.",
     "Rewrite the following text for a young reader.\n\n{passage}",
+    "Translate the following text into {lang}.\n\n{passage}",
+    "List every number in the text below and say what it refers to.\n\n{passage}",
+    ("Extract the people, places and things the text mentions, as JSON with the keys \"people\", \"places\" and "
+    "\"things\".\n\n{passage}"),
+    ("Answer using only the documents below.\n\nDocument 1:\n{passage}\n\nDocument 2:\n{passage2}\n\n"
+    "Question: what do the documents say about {topic}?"),
+    "Write a title and a one-sentence abstract for this text.\n\n{passage}",
 )
 
 
 def synth_prompts(n: int, seed: int = 0) -> list[str]:
-    """`n` single-turn prompts from the templates above (passage tasks are added later)."""
+    """`n` distinct single-turn prompts from the templates above (passage tasks are added later)."""
     rng = random.Random(seed)
-    groups = (TASKS, TASKS, REASONING, CODE, REWRITE)
-    out = []
-    for _ in range(n):
+    groups = (TASKS, TASKS, QUESTIONS, ROLEPLAY, REASONING, MATH, CODE, REWRITE, TRANSLATE)
+    out: dict[str, None] = {}
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
         template = rng.choice(rng.choice(groups))
         topic, other = rng.sample(TOPICS, 2)
         name, name2, name3 = rng.sample(NAMES, 3)
-        out.append(template.format(
+        out[template.format(
             topic=topic, Topic=topic.title(), other=other, name=name, name2=name2, name3=name3,
             a=rng.randint(2, 90), b=rng.randint(2, 30), c=rng.randint(1, 20), n=rng.randint(3, 12),
+            e=rng.randint(100, 900), job=rng.choice(JOBS), lang=rng.choice(LANGUAGES),
             key=rng.choice(("name", "age", "price", "date")),
-        ))
-    return out
+        )] = None
+    return list(out)
 
 
 @dataclass
@@ -182,9 +242,12 @@ def build_data(llm, cfg: TrainConfig) -> dict[str, Any]:
     long = [(p, o) for (p, o), prompt in zip(samples, base) if len(o) >= 120]
     rng.shuffle(long)
     extra = []
-    for _, out_ids in long[: int(cfg.prompts * cfg.passage_fraction)]:
-        passage = llm.tokenizer.decode(out_ids).strip()
-        extra.append(rng.choice(PASSAGE_TASKS).format(passage=passage, topic=rng.choice(TOPICS)))
+    passages = [llm.tokenizer.decode(out_ids).strip() for _, out_ids in long]
+    for i, passage in enumerate(passages[: int(cfg.prompts * cfg.passage_fraction)]):
+        other = passages[(i + 1) % len(passages)][:600]  # a second, shorter document for the two-document task
+        extra.append(rng.choice(PASSAGE_TASKS).format(
+            passage=passage, passage2=other, topic=rng.choice(TOPICS), lang=rng.choice(LANGUAGES)
+        ))
     samples += _generate(llm, extra, cfg.max_tokens, cfg.batch_generate, "passages")
     model = llm.engine.runner.model
     mcfg = model.config
@@ -427,11 +490,15 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     return out
 
 
-def _medusa_rows(data: dict[str, Any], to_draft: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every position p whose first Medusa label t_{p+2} is a response token: (features
-    `[N, hidden]` bf16, labels `[N, K]` in draft indices, -100 where a head has none)."""
+def _medusa_rows(
+    data: dict[str, Any], to_draft: torch.Tensor, num_heads: int, samples: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position p of the given samples whose first Medusa label t_{p+2} is a response
+    token: (features `[N, hidden]` bf16, labels `[N, K]` in draft indices, -100 where a head
+    has none)."""
     feats, labels = [], []
-    for ids, f, start in zip(data["tokens"], data["feats"], data["response_start"]):
+    for i in samples:
+        ids, f, start = data["tokens"][i], data["feats"][i], data["response_start"][i]
         ids = ids.long()
         n = len(ids)
         first = max(start - 2, 0)  # p + 2 >= start
@@ -445,7 +512,19 @@ def _medusa_rows(data: dict[str, Any], to_draft: torch.Tensor, num_heads: int) -
             lab[ok, k] = to_draft[ids[target[ok]]]
         feats.append(f[first : n - 2])
         labels.append(lab)
+    if not feats:
+        return torch.zeros(0, data["feats"][0].shape[1], dtype=torch.bfloat16), torch.zeros(0, num_heads, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def _medusa_top1(head, feats: torch.Tensor, labels: torch.Tensor, rows: int = 4096) -> list[float]:
+    """Top-1 accuracy of each head on held-out rows."""
+    hits = torch.zeros(labels.shape[1])
+    for i in range(0, len(feats), rows):
+        lab = labels[i : i + rows].T
+        hits += (head.logits(head(feats[i : i + rows].float())).argmax(-1) == lab).sum(1).float()
+    return (hits / (labels != -100).sum(0).clamp(min=1)).tolist()
 
 
 def train_medusa(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
@@ -462,7 +541,13 @@ def train_medusa(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     prep = _prepare(llm, out, cfg, log)
     model = llm.engine.runner.model
     K = cfg.medusa_heads
-    feats, labels = _medusa_rows(prep.data, prep.to_draft, K)
+    # every 20th sample is held out: its top-1 per head says how well the heads generalize
+    num = len(prep.data["tokens"])
+    held = [i for i in range(num) if i % 20 == 19]
+    feats, labels = _medusa_rows(prep.data, prep.to_draft, K, [i for i in range(num) if i % 20 != 19])
+    held_feats, held_labels = _medusa_rows(prep.data, prep.to_draft, K, held)
+    if not len(held_feats):
+        held_feats = held_labels = None
     head = MedusaHead(model.config, K, len(prep.draft_ids), cfg.medusa_layers)
     head.draft_ids.copy_(prep.draft_ids)
     head.bind(_frozen_target(model))
@@ -501,10 +586,14 @@ def train_medusa(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
         bar.close()
         spent += time.time() - t0
         top1 = ", ".join(f"{h / max(s, 1):.1%}" for h, s in zip(hits.tolist(), seen.tolist()))
-        log(f"epoch {epoch + 1}: loss {total_loss / per_epoch:.3f}, top-1 per head {top1} "
+        held_out = ""
+        if held_feats is not None:
+            held_out = ", held-out " + ", ".join(f"{x:.1%}" for x in _medusa_top1(head, held_feats, held_labels))
+        log(f"epoch {epoch + 1}: loss {total_loss / per_epoch:.3f}, top-1 per head {top1}{held_out} "
             f"({(time.time() - t0) / 60:.1f} min)")
         ckpt.save(epoch + 1, spent, None)
-    training = {**prep.stats, "rows": len(feats), "epochs": cfg.epochs, "batch_rows": rows_per_batch, "lr": cfg.lr,
+    training = {**prep.stats, "rows": len(feats), "held_out_rows": 0 if held_feats is None else len(held_feats),
+                "epochs": cfg.epochs, "batch_rows": rows_per_batch, "lr": cfg.lr,
                 "train_minutes": round(spent / 60, 1)}
     save_medusa(head, out, {"target": _target_name(llm), "training": training})
     log(f"heads: {out} ({K} Medusa heads; draft vocabulary {len(prep.draft_ids)} tokens covering "
