@@ -16,7 +16,7 @@ from specserve.model.layers import CausalBatch
 from specserve.sampling.params import SamplingParams
 from specserve.spec.base import SequenceView
 from specserve.spec.eagle import DEFAULT_EAGLE, EagleDrafter, EagleHead, load_head, save_head
-from tests.spec.views import run_together
+from tests.spec.views import generate_with, run_together
 
 PROMPTS = [
     "Explain why the sky is blue in two sentences.",
@@ -97,11 +97,7 @@ def test_tree_drafts_match_the_training_forward(llm_fp32, random_head_dir):
 
 
 def _eagle_outputs(llm, head_dir, prompts, params, k=10):
-    llm.set_spec(f"eagle:{head_dir}", k, False)
-    try:
-        return llm.generate(prompts, params)
-    finally:
-        llm.set_spec(None)
+    return generate_with(llm, f"eagle:{head_dir}", prompts, params, k)
 
 
 def test_untrained_head_is_still_lossless(llm_fp32, random_head_dir):

@@ -18,7 +18,7 @@ from specserve.spec.base import SequenceView
 from specserve.spec.medusa import DEFAULT_MEDUSA, MedusaDrafter, MedusaHead, best_first_tree, load_head, save_head
 from specserve.spec.tree import check_tree
 from tests.spec.test_eagle import PROMPTS, _features
-from tests.spec.views import run_together
+from tests.spec.views import generate_with, run_together
 
 REPEAT = "Repeat after me ten times: go go go go go"
 
@@ -108,11 +108,7 @@ def test_drafts_are_the_heads_top_candidates(llm_fp32, random_heads):
 
 
 def _medusa(llm, head_dir, prompts, params, k=10):
-    llm.set_spec(f"medusa:{head_dir}", k, False)
-    try:
-        return llm.generate(prompts, params)
-    finally:
-        llm.set_spec(None)
+    return generate_with(llm, f"medusa:{head_dir}", prompts, params, k)
 
 
 def test_random_heads_are_lossless_batched(llm_fp32, random_heads):
@@ -144,11 +140,7 @@ def test_bf16_equals_plain_up_to_near_ties(llm_bf16, echo_heads):
     llm = llm_bf16
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in (REPEAT, *PROMPTS[:3])]
     plain = [llm.generate([p], SamplingParams(max_tokens=48, logprobs=2))[0] for p in prompts]
-    llm.set_spec(f"medusa:{echo_heads}", 10, True)
-    try:
-        out = llm.generate(prompts, SamplingParams(max_tokens=48))
-    finally:
-        llm.set_spec(None)
+    out = generate_with(llm, f"medusa:{echo_heads}", prompts, SamplingParams(max_tokens=48), adaptive=True)
     for p, o in zip(plain, out):
         d = compare_greedy(p.token_ids, p.logprobs, o.token_ids, torch.bfloat16)
         assert d.ok, d.describe()
@@ -172,11 +164,7 @@ def test_packaged_heads_greedy_equal_plain_fp32_batched(llm_fp32):
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
     params = SamplingParams(max_tokens=64)
     plain = llm.generate(prompts, params)
-    llm.set_spec("medusa", 10, False)
-    try:
-        out = llm.generate(prompts, params)  # all six in one batch
-    finally:
-        llm.set_spec(None)
+    out = generate_with(llm, "medusa", prompts, params)  # all six in one batch
     for p, o in zip(plain, out):
         assert o.token_ids == p.token_ids
     accepted = sum(o.metrics.accepted_tokens for o in out)

@@ -28,3 +28,12 @@ def run_together(llm, prompts: list[list[int]], params: list[SamplingParams]) ->
         return seqs
     finally:
         llm.set_spec(None)
+
+
+def generate_with(llm, spec: str, prompts: list[list[int]], params: SamplingParams, k: int = 10, adaptive: bool = False):
+    """`llm.generate` with the drafter `spec` (fixed budget k unless adaptive), then plain again."""
+    llm.set_spec(spec, k, adaptive)
+    try:
+        return llm.generate(prompts, params)
+    finally:
+        llm.set_spec(None)
