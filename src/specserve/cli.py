@@ -162,12 +162,12 @@ def build_parser() -> ArgumentParser:
     add("--prompts", type=_count(8), default=640, metavar="N", help="synthesized prompts (default: 640, plus 30%% passage tasks)")
     add("--max-tokens", type=_count(16), default=256, metavar="N", help="most tokens per answer (default: 256)")
     add("--epochs", type=_count(1), default=6, metavar="E", help="passes over the data (default: 6)")
-    add("--batch-size", type=_count(1), default=8, metavar="B", help="sequences per step (default: 8)")
+    add("--batch-size", type=_count(1), default=8, metavar="B", help="sequences per step; Medusa: 64 x B feature rows (default: 8)")
     add("--lr", type=_number, default=1e-3, metavar="LR", help="peak learning rate, > 0 (default: 1e-3)")
     add("--draft-vocab", type=_count(16), default=8192, metavar="V", help="draft vocabulary size (default: 8192)")
     add("--seed", type=int, default=0, metavar="S", help="prompt synthesis and training seed (default: 0)")
-    add("--medusa-heads", type=_count(1), default=4, metavar="K", help="Medusa: number of heads (default: 4)")
-    add("--medusa-layers", type=_count(1), default=1, metavar="L", help="Medusa: residual blocks per head (default: 1)")
+    add("--medusa-heads", type=_count(1), metavar="K", help="with --kind medusa: number of heads (default: 4)")
+    add("--medusa-layers", type=_count(1), metavar="L", help="with --kind medusa: residual blocks per head (default: 1)")
     t.set_defaults(func=cmd_train_drafter, parser=t)
 
     b = commands.add_parser("bench", help="benchmarks", description="Benchmarks on the Spec-Bench questions.")
@@ -466,6 +466,9 @@ def cmd_train_drafter(parser: ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out: not a directory: {args.out}")
+    for flag, value in (("--medusa-heads", args.medusa_heads), ("--medusa-layers", args.medusa_layers)):
+        if value is not None and args.kind != "medusa":
+            parser.error(f"{flag} only applies to --kind medusa")
     from specserve.api import LLM
     from specserve.spec.train import TrainConfig, train_drafter
 
@@ -475,7 +478,7 @@ def cmd_train_drafter(parser: ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--target: cannot load {args.target or 'the default model'}: {exc}")
     cfg = TrainConfig(prompts=args.prompts, max_tokens=args.max_tokens, epochs=args.epochs,
                       batch_size=args.batch_size, lr=float(args.lr), draft_vocab=args.draft_vocab, seed=args.seed,
-                      kind=args.kind, medusa_heads=args.medusa_heads, medusa_layers=args.medusa_layers)
+                      kind=args.kind, medusa_heads=args.medusa_heads or 4, medusa_layers=args.medusa_layers or 1)
     try:
         out = train_drafter(llm, args.out, cfg, log=lambda line: print(line, file=sys.stderr))
     except ValueError as exc:

@@ -183,7 +183,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     [
         (["train-drafter"], "--out"),
         (["train-drafter", "--out", "x", "--kind", "hydra"], "--kind"),
-        (["train-drafter", "--out", "x", "--medusa-heads", "0"], "--medusa-heads"),
+        (["train-drafter", "--out", "x", "--kind", "medusa", "--medusa-heads", "0"], "--medusa-heads"),
+        (["train-drafter", "--out", "x", "--medusa-layers", "2"], "--medusa-layers only applies to --kind medusa"),
         (["generate", "--spec", "medusa:/nonexistent", "hi"], "medusa head directory does not exist"),
         (["train-drafter", "--out", "x", "--lr", "0"], "--lr must be > 0"),
         (["train-drafter", "--out", "x", "--target", "/nonexistent"], "--target: path does not exist"),

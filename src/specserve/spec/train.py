@@ -1,14 +1,16 @@
-"""`specserve train-drafter`: train an EAGLE head by self-distillation on this CPU.
+"""`specserve train-drafter`: train an EAGLE head or Medusa heads by self-distillation on this CPU.
 
 1. Prompts are synthesized from task templates and topics written here (no dataset is
    downloaded, and none of them is a Spec-Bench question): writing, explanation,
-   advice, reasoning, arithmetic, code, lists, rewriting, and summarizing, extracting
-   from and answering questions about passages the target wrote itself.
+   questions, roleplay, advice, reasoning, arithmetic, code, lists, rewriting,
+   translation, and summarizing, extracting from, translating and answering questions
+   about passages the target wrote itself.
 2. The target answers them greedily (batched, plain decoding) through its chat template.
 3. One target forward per sample gives its features (final hidden states).
-4. The head learns to predict the next feature (smooth L1) and the target's next token
-   (cross-entropy over the draft vocabulary: the tokens the target emitted most), with
-   noise on its input features, for a few epochs.
+4. An EAGLE head learns to predict the next feature (smooth L1) and the target's next
+   token (cross-entropy over the draft vocabulary: the tokens the target emitted most),
+   with noise on its input features, for a few epochs. Medusa head k learns the token
+   k + 1 positions after each feature (cross-entropy over the same draft vocabulary).
 
 Everything after step 1 is cached in OUT: the generated samples and features
 (`data.pt`) and a checkpoint per epoch (`checkpoint.pt`), so a stopped run resumes
