@@ -286,12 +286,9 @@ def _check_spec(parser: ArgumentParser, spec: str | None) -> None:
     elif name == "layer-skip":
         if colon and not all(x.strip().isdigit() for x in arg.split(",")):
             parser.error(f"--spec: layer-skip takes a comma-separated list of layer indices, got {arg!r}")
-    elif name == "eagle":
+    elif name in ("eagle", "medusa"):
         if colon and not os.path.isdir(arg):
-            parser.error(f"--spec: eagle head directory does not exist: {arg}")
-    elif name == "medusa":
-        if colon and not os.path.isdir(arg):
-            parser.error(f"--spec: medusa head directory does not exist: {arg}")
+            parser.error(f"--spec: {name} head directory does not exist: {arg}")
     else:
         parser.error(f"--spec: unknown method {spec!r}; choose one of {choices}")
 

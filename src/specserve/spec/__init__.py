@@ -67,19 +67,16 @@ def make_drafter(
         return LayerSkipDrafter(runner, skip, tokenizer)
     if name == "eagle":
         from specserve.spec.eagle import DEFAULT_EAGLE, EagleDrafter, load_head
+        from specserve.spec.heads import head_dir
 
-        if not arg and not (DEFAULT_EAGLE / "head.safetensors").is_file():
-            raise ValueError("no packaged EAGLE head: train one with `specserve train-drafter` and use eagle:DIR")
-        head = load_head(arg or DEFAULT_EAGLE, model)
+        head = load_head(head_dir("eagle", arg, DEFAULT_EAGLE), model)
         return EagleDrafter(head, runner.cache.num_slots, runner.cache.max_len)
     if name == "medusa":
+        from specserve.spec.heads import head_dir
         from specserve.spec.medusa import DEFAULT_MEDUSA, MedusaDrafter
         from specserve.spec.medusa import load_head as load_medusa
 
-        if not arg and not (DEFAULT_MEDUSA / "head.safetensors").is_file():
-            raise ValueError("no packaged Medusa heads: train them with `specserve train-drafter --kind medusa` "
-                             "and use medusa:DIR")
-        return MedusaDrafter(load_medusa(arg or DEFAULT_MEDUSA, model))
+        return MedusaDrafter(load_medusa(head_dir("medusa", arg, DEFAULT_MEDUSA), model))
     raise ValueError(f"unknown spec {spec!r}; choose one of {', '.join(SPEC_METHODS)}")
 
 

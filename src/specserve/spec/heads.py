@@ -19,6 +19,14 @@ WEIGHTS_NAME = "head.safetensors"
 TARGET_KEYS = ("hidden_size", "vocab_size", "num_heads", "num_kv_heads")
 
 
+def head_dir(kind: str, arg: str, packaged: Path) -> str | Path:
+    """The head directory `--spec KIND[:DIR]` names: DIR, else the packaged heads."""
+    if not arg and not (packaged / WEIGHTS_NAME).is_file():
+        raise ValueError(f"no packaged {kind} head: train one with `specserve train-drafter --kind {kind}` "
+                         f"and use {kind}:DIR")
+    return arg or packaged
+
+
 def lm_head_weight(target: Any) -> torch.Tensor:
     """The target's LM head matrix `[vocab, hidden]` (the embedding when tied)."""
     if target.config.tie_word_embeddings:

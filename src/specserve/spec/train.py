@@ -520,13 +520,20 @@ def _medusa_rows(
 
 
 @torch.no_grad()
+def _medusa_hits(logits: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head: (top-1 hits, labelled rows) of logits `[K, B, Vd]` against labels `[K, B]`."""
+    valid = lab != -100
+    return ((logits.argmax(-1) == lab) & valid).sum(1).float(), valid.sum(1).float()
+
+
+@torch.no_grad()
 def _medusa_top1(head, feats: torch.Tensor, labels: torch.Tensor, rows: int = 4096) -> list[float]:
     """Top-1 accuracy of each head on held-out rows."""
-    hits = torch.zeros(labels.shape[1])
+    hits, seen = torch.zeros(labels.shape[1]), torch.zeros(labels.shape[1])
     for i in range(0, len(feats), rows):
-        lab = labels[i : i + rows].T
-        hits += (head.logits(head(feats[i : i + rows].float())).argmax(-1) == lab).sum(1).float()
-    return (hits / (labels != -100).sum(0).clamp(min=1)).tolist()
+        h, s = _medusa_hits(head.logits(head(feats[i : i + rows].float())), labels[i : i + rows].T)
+        hits, seen = hits + h, seen + s
+    return (hits / seen.clamp(min=1)).tolist()
 
 
 def train_medusa(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
@@ -558,7 +565,7 @@ def train_medusa(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     per_epoch = math.ceil(len(feats) / rows_per_batch)
     opt, sched = _optimizer(params, cfg, cfg.epochs * per_epoch)
     ckpt = _Checkpoints(out, head, opt, sched, log)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator()  # seeded per epoch, so a resumed run shuffles as an unbroken one
     weights = torch.tensor([0.8**k for k in range(K)])
     spent = ckpt.seconds
     for epoch in range(ckpt.first_epoch, cfg.epochs):
@@ -579,10 +586,8 @@ def train_medusa(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            with torch.no_grad():
-                valid = lab != -100
-                hits += ((logits.argmax(-1) == lab) & valid).sum(1).float()
-                seen += valid.sum(1).float()
+            h, n = _medusa_hits(logits, lab)
+            hits, seen = hits + h, seen + n
             total_loss += float(loss.detach())
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         bar.close()
