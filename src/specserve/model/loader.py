@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from specserve.config import ModelConfig, RopeConfig
-from specserve.model import registry
+from specserve.model import native, registry
 from specserve.model.cpu_kernels import pack_linears, packing_available
 from specserve.model.transformer import DecoderModel
 
@@ -265,6 +265,8 @@ def build_model(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model = model.to(device).eval().requires_grad_(False)
+    if pack and native.supports(model) is None and (lib := native.library()) is not None:
+        model.native = native.NativeDecoder(model, lib)  # from the plain weights, before packing
     if pack and packing_available(dtype, torch.device(device)):
         pack_linears(model)
     return model

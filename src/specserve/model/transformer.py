@@ -8,6 +8,7 @@ from torch import nn
 from specserve.cache.kv_cache import KVCache
 from specserve.config import ModelConfig
 from specserve.model.layers import AttentionMetadata, DecoderLayer, RMSNorm, RotaryTable
+from specserve.model.native import NativeDecoder
 
 
 class DecoderModel(nn.Module):
@@ -23,6 +24,8 @@ class DecoderModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryTable(cfg.rope, cfg.head_dim, max_len)
         self.local_rope = RotaryTable(cfg.local_rope, cfg.head_dim, max_len) if cfg.local_rope else None
+        # native bf16 CPU layers for small forwards (specserve.model.native), set by the loader
+        self.native: NativeDecoder | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -47,6 +50,9 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.config.embed_scale is not None:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        if self.native is not None and isinstance(meta, AttentionMetadata):
+            if self.native.run(x, positions, meta, cache.k, cache.v, layer_mask):
+                return self.norm(x)
         cos, sin = self.rope.lookup(positions, x.dtype)
         if self.local_rope is not None:
             lcos, lsin = self.local_rope.lookup(positions, x.dtype)

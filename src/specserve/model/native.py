@@ -1,0 +1,246 @@
+"""Native bf16 decoder layers for x86-64 CPUs with AMX (`csrc/decode.cpp`).
+
+At this model size PyTorch spends most of a decode step dispatching ~25 small ops per
+layer, and its matmul library pays a fixed cost per call. `NativeDecoder` runs each
+Llama-family layer of a forward as one call into a small C++ library instead: every
+forward (decode steps, draft verification, prefill chunks, batches of sequences),
+with AMX tile matmuls and the glue fused into loops. It is row-invariant: a token's
+hidden states do not depend on what else is in the forward, so greedy decoding in
+bf16 gives the same tokens alone, batched, speculated, after a prefix-cache hit or
+after preemption.
+
+The library is compiled at first use with the system's g++ into a cache directory
+(`$SPECSERVE_CACHE`, else `$XDG_CACHE_HOME/specserve`, else `~/.cache/specserve`),
+keyed by the source, the compiler and the CPU. Without g++ or AMX-BF16, for other
+architectures, fp32 or CUDA, or with `SPECSERVE_NATIVE=0`, the model runs on PyTorch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from specserve.model.layers import AttentionMetadata
+    from specserve.model.transformer import DecoderModel
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16")
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_why_not = ""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SPECSERVE_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "specserve"
+
+
+def _compiler_version(cxx: str) -> str:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library if no build for this source, compiler and CPU exists; returns its path."""
+    cxx = os.environ.get("CXX") or shutil.which("g++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler (g++) found")
+    flags = sorted(_cpu_flags())
+    key = hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), _compiler_version(cxx).encode(), " ".join(FLAGS).encode(), " ".join(flags).encode()])
+    ).hexdigest()[:16]
+    out = cache_dir() / "native" / f"decode-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr.strip()[-2000:]}")
+        if verbose and proc.stderr:
+            log.info("%s", proc.stderr)
+        os.replace(tmp, out)  # atomic: a concurrent build of the same key is harmless
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, building it on first use; None where it cannot run here."""
+    global _lib, _tried, _why_not
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("SPECSERVE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+            _why_not = "disabled by SPECSERVE_NATIVE"
+            return None
+        missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+        if missing:
+            _why_not = f"the CPU lacks {', '.join(missing)}"
+            return None
+        try:
+            lib = ctypes.CDLL(str(build()))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            _why_not = f"native kernels unavailable: {exc}"
+            log.warning("%s; decoding runs on PyTorch only", _why_not)
+            return None
+        if lib.ss_init() != 0:
+            _why_not = "Linux refused the AMX tile state (arch_prctl)"
+            log.warning("%s; decoding runs on PyTorch only", _why_not)
+            return None
+        i64p, f32 = ctypes.POINTER(ctypes.c_int64), ctypes.c_float
+        vp, ci = ctypes.c_void_p, ctypes.c_int
+        lib.ss_layer.argtypes = [i64p, i64p, f32, f32, vp, ci, ci, i64p, i64p, i64p, i64p, i64p, vp, vp, vp, vp]
+        lib.ss_layer.restype = ci
+        lib.ss_linear.argtypes = [vp, vp, vp, vp, ci, ci, ci]
+        lib.ss_linear.restype = None
+        _lib = lib
+        return lib
+
+
+def unavailable_reason() -> str:
+    library()
+    return _why_not
+
+
+def vnni_pack(weight: torch.Tensor) -> torch.Tensor:
+    """`[N, K]` bf16 -> `[N/16, K/2, 16, 2]`: 16 output rows x 2 inputs per 64 bytes."""
+    n, k = weight.shape
+    return weight.detach().reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def linear(lib: ctypes.CDLL, packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """`x [M, K] @ W.T (+ bias)` with a `vnni_pack`ed W (bias fp32)."""
+    m, k = x.shape
+    n = packed.shape[0] * 16
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    lib.ss_linear(packed.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(), y.data_ptr(), m, k, n)
+    return y
+
+
+def supports(model: DecoderModel) -> str | None:
+    """Why `model` cannot use the native layers, or None when it can."""
+    cfg = model.config
+    if model.device.type != "cpu" or model.dtype != torch.bfloat16:
+        return "native layers run bf16 models on the CPU only"
+    if cfg.qk_norm or cfg.sandwich_norms or cfg.hidden_act != "silu" or any(cfg.sliding_layers):
+        return f"native layers cover the Llama family (plain norms, SiLU, full attention), not {cfg.family}"
+    if cfg.head_dim % 32 or cfg.head_dim > 256 or cfg.hidden_size % 32 or cfg.intermediate_size % 32:
+        return "native layers need head_dim % 32 == 0 (<= 256) and hidden/intermediate sizes % 32 == 0"
+    if cfg.num_heads % cfg.num_kv_heads:
+        return "native layers need num_heads to be a multiple of num_kv_heads"
+    return None
+
+
+class _Layer:
+    """One layer's weights in the native layout, and the pointer table the call reads."""
+
+    def __init__(self, layer) -> None:  # a DecoderLayer with plain nn.Linear weights
+        attn, mlp = layer.self_attn, layer.mlp
+        self.keep = [
+            layer.input_layernorm.weight.detach().contiguous(),
+            layer.post_attention_layernorm.weight.detach().contiguous(),
+            vnni_pack(attn.qkv_proj.weight),
+            None if attn.qkv_proj.bias is None else attn.qkv_proj.bias.detach().float().contiguous(),
+            vnni_pack(attn.o_proj.weight),
+            vnni_pack(mlp.gate_up_proj.weight),
+            vnni_pack(mlp.down_proj.weight),
+        ]
+        self.ptrs = (ctypes.c_int64 * 9)(*[0 if t is None else t.data_ptr() for t in self.keep], 0, 0)
+
+
+class NativeDecoder:
+    """Runs a Llama-family model's layers natively for small forwards (see module doc)."""
+
+    def __init__(self, model: DecoderModel, lib: ctypes.CDLL) -> None:
+        cfg = model.config
+        self.lib = lib
+        self.layers = [_Layer(layer) for layer in model.layers]
+        self.eps = float(cfg.rms_norm_eps)
+        self.scale = float(model.layers[0].self_attn.scale)
+        self.dims = (ctypes.c_int64 * 6)(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, 0
+        )
+        self.cos = model.rope.cos
+        self.sin = model.rope.sin
+
+    def run(
+        self,
+        x: torch.Tensor,  # [T, hidden] bf16, updated in place
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        k_pools: list[torch.Tensor],
+        v_pools: list[torch.Tensor],
+        layer_mask: list[bool] | None,
+    ) -> bool:
+        """Run every (unskipped) layer natively; False (x untouched) when this forward does not qualify."""
+        pool = k_pools[0]
+        if not x.is_contiguous() or pool.dtype != torch.float32 or not pool.is_contiguous():
+            return False
+        n = meta.num_seqs
+        keep: list[torch.Tensor] = []  # index and mask tensors the call reads
+        bases, kidx = [], []
+        for read in meta.reads:
+            if isinstance(read, int):
+                bases.append(read)
+                kidx.append(0)
+                continue
+            if isinstance(read, list):
+                read = torch.cat([torch.arange(first, first + count) for first, count in read])
+            keep.append(read.to(torch.int64).contiguous())
+            bases.append(0)
+            kidx.append(keep[-1].data_ptr())
+        mptr = []
+        for m in meta.masks:
+            if m is not None:
+                keep.append(m.contiguous())
+            mptr.append(0 if m is None else keep[-1].data_ptr())
+        i64 = ctypes.c_int64 * n
+        pos = positions.contiguous()
+        widx = meta.write_index.contiguous()
+        self.dims[5] = pool.shape[1]
+        args = (
+            self.dims, ctypes.c_float(self.eps), ctypes.c_float(self.scale), x.data_ptr(), x.shape[0], n,
+            (ctypes.c_int64 * (n + 1))(*meta.query_starts), i64(*meta.cache_starts), i64(*bases), i64(*kidx),
+            i64(*mptr), pos.data_ptr(), widx.data_ptr(), self.cos.data_ptr(), self.sin.data_ptr(),
+        )
+        for i, layer in enumerate(self.layers):
+            if layer_mask is not None and not layer_mask[i]:
+                continue
+            layer.ptrs[7] = k_pools[i].data_ptr()
+            layer.ptrs[8] = v_pools[i].data_ptr()
+            if self.lib.ss_layer(layer.ptrs, *args) != 0:
+                raise RuntimeError("native layer rejected its shapes")  # supports() rules these out
+        return True
