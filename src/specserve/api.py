@@ -19,6 +19,7 @@ from specserve.cache.kv_cache import KVCache
 from specserve.engine.engine import Engine
 from specserve.engine.runner import ModelRunner
 from specserve.engine.sequence import RequestMetrics, Sequence, TokenLogprob
+from specserve.model import native
 from specserve.model.loader import build_model, default_model_path, read_checkpoint
 from specserve.sampling.params import SamplingParams
 from specserve.spec import (
@@ -290,6 +291,7 @@ class LLM:
             "dtype": str(self.dtype).removeprefix("torch."),
             "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
             "device": str(self.device),
+            "decoder_layers": native.describe(self.model),
             "max_model_len": self.max_model_len,
             "spec": self.spec,
             "num_spec_tokens": self.num_spec_tokens,

@@ -23,6 +23,14 @@ from specserve.engine.sequence import TokenLogprob
 NEAR_TIE = {torch.float32: 1e-3, torch.bfloat16: 0.5}
 
 
+def bit_exact(llm) -> bool:
+    """Whether `llm`'s greedy outputs are the same tokens however a request is computed
+    (alone, batched, speculated, after a prefix-cache hit or a preemption), so that a
+    candidate must be identical, not merely equal up to near-ties: fp32, and bf16 on
+    the row-invariant native layers (specserve.model.native)."""
+    return llm.dtype == torch.float32 or getattr(llm.model, "native", None) is not None
+
+
 @dataclass(frozen=True)
 class Divergence:
     index: int | None  # first differing position; None = identical

@@ -5,7 +5,8 @@ concurrency 1, 4 and 16, plain and with every drafter (load-aware draft lengths)
 concurrency 1 with each drafter runs when SPECSERVE_FULL_BATCH_EQUIVALENCE=1 is set.
 Greedy output of every request must equal that request decoded alone with plain
 decoding; a divergence is reported with the reference's top-2 logit margin and fails
-unless it is a near-tie. Also: seeded sampling does not depend on the batch, prefix
+unless it is a near-tie (on the row-invariant native bf16 layers, any divergence
+fails: `bit_exact`). Also: seeded sampling does not depend on the batch, prefix
 caching and preemption under a small KV budget leave outputs unchanged.
 """
 
@@ -19,7 +20,7 @@ import torch
 from specserve import LLM, SamplingParams
 from specserve.bench.workload import load_questions
 from specserve.engine.engine import Engine
-from specserve.equivalence import compare_greedy
+from specserve.equivalence import bit_exact, compare_greedy
 from tests.spec.views import run_together
 
 NUM_PROMPTS = 64
@@ -96,7 +97,7 @@ def test_batched_greedy_equals_alone(spec, concurrency, llm_bf16, batch_requests
         d = compare_greedy(ref.output_ids, ref.logprobs, out.output_ids, llm_bf16.dtype)
         if not d.identical:
             report.append(f"request {i}: {d.describe()}")
-        if not d.ok:
+        if not (d.identical if bit_exact(llm_bf16) else d.ok):
             failures.append(f"request {i}: {d.describe()}")
     drafted = sum(o.metrics.drafted_tokens for o in outputs)
     print(f"spec={spec} concurrency={concurrency}: drafted {drafted}; divergences: {report or 'none'}")
@@ -161,7 +162,7 @@ def test_small_kv_budget_preempts_and_still_completes(batch_requests):
         assert llm.engine.cache.usage() == 0.0
         for i, (ref, out) in enumerate(zip(reference, outputs)):
             d = compare_greedy(ref.output_ids, ref.logprobs, out.output_ids, llm.dtype)
-            assert d.ok, f"{spec} request {i}: {d.describe()}"
+            assert d.identical if bit_exact(llm) else d.ok, f"{spec} request {i}: {d.describe()}"
 
 
 def test_a_newer_sequence_that_outgrows_the_pool_steps_out_for_the_older_one():

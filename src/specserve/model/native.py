@@ -93,6 +93,9 @@ def build(verbose: bool = False) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    for stale in out.parent.glob("decode-*.so"):  # builds of older sources or other CPUs
+        if stale != out:
+            stale.unlink(missing_ok=True)
     return out
 
 
@@ -244,3 +247,17 @@ class NativeDecoder:
             if self.lib.ss_layer(layer.ptrs, *args) != 0:
                 raise RuntimeError("native layer rejected its shapes")  # supports() rules these out
         return True
+
+
+def status() -> str:
+    """Whether this machine can run native layers, in one line (the set-up script prints it)."""
+    lib = library()
+    return f"native (AMX), {lib._name}" if lib is not None else f"pytorch ({_why_not})"
+
+
+def describe(model: DecoderModel) -> str:
+    """Which path `model`'s layers take, and why not the native one (`specserve info`)."""
+    if model.native is not None:
+        return "native (AMX)"
+    why = supports(model) or (_why_not if library() is None else "packing disabled")
+    return f"pytorch ({why})"

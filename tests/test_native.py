@@ -1,0 +1,187 @@
+"""Native bf16 decoder layers (specserve.model.native): as accurate as the PyTorch path,
+and row-invariant: a token's hidden state is bit-identical whatever else shares its
+forward (chunking, drafts, token trees, other sequences, scattered block tables).
+
+Skipped where the library cannot run (no AMX or no g++); `specserve info` says which.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from specserve.cache import KVCache
+from specserve.model import layers, native
+from specserve.model.layers import build_attention_metadata
+from specserve.model.loader import build_model, read_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+needs_native = pytest.mark.skipif(native.library() is None, reason=f"native layers unavailable: {native.unavailable_reason()}")
+
+VOCAB = 256
+CPU = torch.device("cpu")
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def tiny_checkpoint(tmp_path, family: str):
+    torch.manual_seed(0)
+    cfg = {
+        "llama": lambda: transformers.LlamaConfig(**COMMON),
+        "qwen2": lambda: transformers.Qwen2Config(**COMMON),  # QKV bias
+        "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=32),
+    }[family]()
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path / family)
+    return read_checkpoint(tmp_path / family)
+
+
+def models(tmp_path, family: str):
+    """(native bf16, PyTorch-path bf16, fp32) builds of one tiny random model."""
+    ckpt = tiny_checkpoint(tmp_path, family)
+    fast = build_model(ckpt.config, ckpt.tensors, torch.bfloat16, "cpu", 512)
+    slow = build_model(ckpt.config, ckpt.tensors, torch.bfloat16, "cpu", 512)
+    slow.native = None
+    ref = build_model(ckpt.config, ckpt.tensors, torch.float32, "cpu", 512)
+    return fast, slow, ref
+
+
+def new_cache(cfg, slots: int = 4) -> KVCache:
+    return KVCache(cfg.num_layers, slots, 512, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu")
+
+
+def run(model, cache, items):
+    """One forward; items = [(slot, cache_start, token ids, tree mask or None)]; hidden [T, H]."""
+    ids, pos = [], []
+    for slot, start, toks, tree in items:
+        cache.ensure(slot, start + len(toks))
+        ids += toks
+        if tree is None:
+            pos += range(start, start + len(toks))
+        else:  # depth of each node = ancestors - 1
+            pos += [start + int(tree[i].sum()) - 1 for i in range(len(toks))]
+    trees = [tree for *_, tree in items]
+    meta = build_attention_metadata(
+        cache, [s for s, *_ in items], [len(t) for _, _, t, _ in items], [c for _, c, _, _ in items], CPU,
+        tree_masks=trees if any(t is not None for t in trees) else None,
+    )
+    with torch.inference_mode():
+        return model(torch.tensor(ids), torch.tensor(pos), meta, cache)
+
+
+def decode_alone(model, ids: list[int], prefill: int) -> torch.Tensor:
+    """Hidden states of ids[prefill:], each decoded on its own after one prefill."""
+    cache = new_cache(model.config)
+    slot = cache.allocate()
+    run(model, cache, [(slot, 0, ids[:prefill], None)])
+    cache.commit(slot, prefill)
+    rows = []
+    for i in range(prefill, len(ids)):
+        rows.append(run(model, cache, [(slot, i, [ids[i]], None)]))
+        cache.commit(slot, i + 1)
+    return torch.cat(rows)
+
+
+@needs_native
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_native_layers_as_accurate_as_pytorch(tmp_path, family):
+    fast, slow, ref = models(tmp_path, family)
+    assert fast.native is not None
+    ids = torch.randint(0, VOCAB, (60,)).tolist()
+    got = {}
+    for name, model in (("native", fast), ("pytorch", slow), ("fp32", ref)):
+        got[name] = model.compute_logits(torch.cat([decode_alone(model, ids, 40)])).float()
+    err_native = (got["native"] - got["fp32"]).abs().mean().item()
+    err_torch = (got["pytorch"] - got["fp32"]).abs().mean().item()
+    print(f"{family}: mean |logit - fp32|: native {err_native:.2e}, pytorch {err_torch:.2e}")
+    assert err_native <= 1.5 * err_torch + 1e-4
+    assert (got["native"] - got["pytorch"]).abs().max().item() < 0.1
+
+
+@needs_native
+def test_native_row_invariance(tmp_path, monkeypatch):
+    model, _, _ = models(tmp_path, "llama")
+    ids = torch.randint(0, VOCAB, (48,)).tolist()
+    alone = decode_alone(model, ids, 40)  # rows 40..47, one token per forward
+
+    # one prefill of everything
+    cache = new_cache(model.config)
+    slot = cache.allocate()
+    assert torch.equal(run(model, cache, [(slot, 0, ids, None)])[40:], alone)
+
+    # a chain of 8 "drafts" verified at once, next to another sequence's prefill chunk
+    cache = new_cache(model.config)
+    a, b = cache.allocate(), cache.allocate()
+    run(model, cache, [(a, 0, ids[:40], None)])
+    cache.commit(a, 40)
+    other = torch.randint(0, VOCAB, (23,)).tolist()
+    hidden = run(model, cache, [(b, 0, other, None), (a, 40, ids[40:], None)])
+    assert torch.equal(hidden[23:], alone)
+
+    # a token tree whose first branch is the chain: that branch's rows are the chain's
+    tree = torch.zeros(10, 10, dtype=torch.bool)
+    parents = [-1, 0, 1, 2, 3, 4, 5, 6, 0, 8]  # nodes 0..7 = ids[40:48]; 8, 9 a side branch
+    for i, p in enumerate(parents):
+        tree[i, i] = True
+        if p >= 0:
+            tree[i] |= tree[p]
+    side = torch.randint(0, VOCAB, (2,)).tolist()
+    cache.truncate(a, 40)
+    hidden = run(model, cache, [(a, 40, ids[40:] + side, tree)])
+    assert torch.equal(hidden[:8], alone)
+
+    # the same cache entries read through a gathered index instead of one consecutive run
+    monkeypatch.setattr(KVCache, "contiguous_start", lambda self, slot, end: None)
+    for runs in (layers.MAX_READ_RUNS, 0):
+        monkeypatch.setattr(layers, "MAX_READ_RUNS", runs)
+        cache.truncate(a, 40)
+        assert torch.equal(run(model, cache, [(a, 40, ids[40:], None)]), alone)
+
+
+@needs_native
+def test_native_linear_is_exact_per_row():
+    lib = native.library()
+    torch.manual_seed(0)
+    w = (torch.randn(96, 64) * 0.1).bfloat16()
+    bias = torch.randn(96)
+    x = torch.randn(37, 64).bfloat16()
+    packed = native.vnni_pack(w)
+    y = native.linear(lib, packed, bias, x)
+    ref = x.float() @ w.float().T + bias
+    assert (y.float() - ref).abs().max().item() <= 2 * ref.abs().max().item() / 128  # one bf16 rounding
+    for m in (0, 5, 16, 36):
+        assert torch.equal(native.linear(lib, packed, bias, x[m : m + 1].contiguous())[0], y[m])
+
+
+def test_other_families_and_dtypes_keep_pytorch(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path, "qwen3")
+    model = build_model(ckpt.config, ckpt.tensors, torch.bfloat16, "cpu", 512)
+    assert model.native is None
+    assert "qwen3" in native.supports(model)
+    ckpt = tiny_checkpoint(tmp_path, "llama")
+    model = build_model(ckpt.config, ckpt.tensors, torch.float32, "cpu", 512)
+    assert model.native is None
+    assert native.describe(model).startswith("pytorch (native layers run bf16 models on the CPU only")
+
+
+def test_disabled_by_environment():
+    code = "from specserve.model import native; print(native.library() is None, native.unavailable_reason())"
+    env = {**os.environ, "SPECSERVE_NATIVE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True disabled by SPECSERVE_NATIVE"
