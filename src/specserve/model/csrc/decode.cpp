@@ -46,6 +46,15 @@ static inline bf16 f2bf(float f) {
 
 static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
+// 16 lanes: bf16 <-> fp32 (the narrowing rounds to nearest even, as f2bf)
+static inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline void store16(bf16* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+static inline __m512 round16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
 // ---------------------------------------------------------------- linear (AMX)
 
 struct TileConfig {
@@ -147,17 +156,6 @@ extern "C" void ss_linear(const bf16* wp, const float* bias, const bf16* x, bf16
 
 // ---------------------------------------------------------------- elementwise
 
-// torch's rms_norm on bf16: everything in fp32, rounded once
-static void rmsnorm_row(const bf16* x, const bf16* w, bf16* out, int H, float eps) {
-  float ss = 0.f;
-  for (int i = 0; i < H; i++) {
-    float v = bf2f(x[i]);
-    ss += v * v;
-  }
-  const float r = 1.0f / sqrtf(ss / (float)H + eps);
-  for (int i = 0; i < H; i++) out[i] = f2bf(bf2f(x[i]) * r * bf2f(w[i]));
-}
-
 // exp for softmax: Cephes-style range reduction + degree-6 polynomial (about 1 ulp)
 static inline __m512 exp512(__m512 x) {
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
@@ -176,60 +174,134 @@ static inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(y, fx);
 }
 
+// torch's rms_norm on bf16: everything in fp32, rounded once (H % 16 == 0)
+static void rmsnorm_row(const bf16* x, const bf16* w, bf16* out, int H, float eps) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int i = 0; i < H; i += 16) {
+    const __m512 v = load16(x + i);
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)H + eps));
+  for (int i = 0; i < H; i += 16) store16(out + i, _mm512_mul_ps(_mm512_mul_ps(load16(x + i), r), load16(w + i)));
+}
+
+// x += h (bf16, rounded once)
+static void residual_row(bf16* x, const bf16* h, int H) {
+  for (int i = 0; i < H; i += 16) store16(x + i, _mm512_add_ps(load16(x + i), load16(h + i)));
+}
+
+// act = silu(gate) * up, each rounded to bf16 as the separate torch ops do
+static void silu_mul_row(const bf16* gate, const bf16* up, bf16* act, int I) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int i = 0; i < I; i += 16) {
+    const __m512 g = load16(gate + i);
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    store16(act + i, _mm512_mul_ps(round16(silu), load16(up + i)));
+  }
+}
+
+// rotate-half rotary embedding of one head (D % 32 == 0), fp32 math rounded to bf16
+static void rope_head(const bf16* src, const float* c, const float* s, float* dst, int D) {
+  const int half = D / 2;
+  for (int i = 0; i < half; i += 16) {
+    const __m512 a = load16(src + i), b = load16(src + i + half);
+    _mm512_storeu_ps(dst + i, round16(_mm512_fmsub_ps(a, _mm512_loadu_ps(c + i), _mm512_mul_ps(b, _mm512_loadu_ps(s + i)))));
+    _mm512_storeu_ps(dst + i + half, round16(_mm512_fmadd_ps(b, _mm512_loadu_ps(c + i + half),
+                                                             _mm512_mul_ps(a, _mm512_loadu_ps(s + i + half)))));
+  }
+}
+
 // ---------------------------------------------------------------- attention
 
-// One query row of one head over keys [0, total) of its sequence (visible per `mask`
-// row, or all of them), keys/values at pool indices kidx[j] (or base + j) of a [P, D]
-// head slice.
-static void attend_row(const float* q, const float* kh, const float* vh, int64_t base, const int64_t* kidx, int total,
-                       const uint8_t* mask, int D, float scale, float* scores, bf16* out) {
-  float mx = -INFINITY;
-  for (int j = 0; j < total; j++) {
-    if (mask && !mask[j]) {
-      scores[j] = -INFINITY;
-      continue;
+// Sums of 16 vectors: lane j of the result = sum of the lanes of v[j] (a transpose-add tree).
+static inline __m512 hsum16(const __m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; i++)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; i++) {
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; i++)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+}
+
+static inline float dot(const float* q, const float* k, int D) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+// One query row of `group` heads that share a K/V head, over keys [0, total) of its
+// sequence (visible per `mask` row, or all of them); keys/values at pool indices
+// kidx[j] (or base + j) of a [P, D] head slice. scores: group x (total + 16) floats.
+// Each head's result is computed the same way whatever `group` is.
+static void attend_group(const float* q, int group, const float* kh, const float* vh, int64_t base,
+                         const int64_t* kidx, int total, const uint8_t* mask, int D, float scale, float* scores,
+                         bf16* out) {
+  const int stride = total + 16;
+  const __m512 ninf = _mm512_set1_ps(-INFINITY), sv = _mm512_set1_ps(scale);
+  const int full = total & ~15;
+  for (int j0 = 0; j0 < full; j0 += 16) {
+    const float* k[16];
+    for (int i = 0; i < 16; i++) k[i] = kh + (kidx ? kidx[j0 + i] : base + j0 + i) * D;
+    __mmask16 hide = 0;
+    if (mask) hide = _mm512_cmpeq_epi32_mask(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(mask + j0))), _mm512_setzero_si512());
+    for (int g = 0; g < group; g++) {
+      const float* qg = q + g * D;
+      __m512 acc[16];
+      for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+      for (int d = 0; d < D; d += 16) {
+        const __m512 qv = _mm512_loadu_ps(qg + d);
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k[i] + d), acc[i]);
+      }
+      _mm512_storeu_ps(scores + g * stride + j0, _mm512_mask_mov_ps(_mm512_mul_ps(hsum16(acc), sv), hide, ninf));
     }
+  }
+  for (int j = full; j < total; j++) {
     const float* k = kh + (kidx ? kidx[j] : base + j) * D;
-    __m512 acc = _mm512_setzero_ps();
-    for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
-    const float s = _mm512_reduce_add_ps(acc) * scale;
-    scores[j] = s;
-    mx = s > mx ? s : mx;
+    for (int g = 0; g < group; g++) scores[g * stride + j] = (mask && !mask[j]) ? -INFINITY : dot(q + g * D, k, D) * scale;
   }
-  __m512 sum16 = _mm512_setzero_ps();
-  const __m512 mxv = _mm512_set1_ps(mx);
-  int j = 0;
-  const __m512 ninf = _mm512_set1_ps(-INFINITY);
-  for (; j + 16 <= total; j += 16) {
-    const __m512 sv = _mm512_loadu_ps(scores + j);
-    // masked keys get exactly 0 (the clamped polynomial would give ~1e-38)
-    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sv, ninf, _CMP_NEQ_OQ), exp512(_mm512_sub_ps(sv, mxv)));
-    _mm512_storeu_ps(scores + j, e);
-    sum16 = _mm512_add_ps(sum16, e);
+  // softmax per head; masked keys get exactly 0 (the clamped polynomial would give ~1e-38)
+  float inv[16];
+  for (int g = 0; g < group; g++) {
+    float* sc = scores + g * stride;
+    __m512 mx = ninf;
+    int j = 0;
+    for (; j + 16 <= total; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sc + j));
+    float m = _mm512_reduce_max_ps(mx);
+    for (; j < total; j++) m = sc[j] > m ? sc[j] : m;
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j < total; j += 16) {
+      const __mmask16 in = total - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (total - j)) - 1u);
+      const __m512 x = _mm512_mask_loadu_ps(ninf, in, sc + j);
+      const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ), exp512(_mm512_sub_ps(x, mv)));
+      _mm512_mask_storeu_ps(sc + j, in, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv[g] = 1.0f / _mm512_reduce_add_ps(sum);
   }
-  if (j < total) {
-    const __mmask16 m = (__mmask16)((1u << (total - j)) - 1u);
-    const __m512 sv = _mm512_mask_loadu_ps(ninf, m, scores + j);
-    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sv, ninf, _CMP_NEQ_OQ), exp512(_mm512_sub_ps(sv, mxv)));
-    _mm512_mask_storeu_ps(scores + j, m, e);
-    sum16 = _mm512_add_ps(sum16, e);
-  }
-  const float inv = 1.0f / _mm512_reduce_add_ps(sum16);
-  // D <= 256: accumulate in at most 16 registers
-  __m512 acc[16];
+  // out = sum_j p_j v_j per head, each V row loaded once for the group
   const int nd = D / 16;
-  for (int c = 0; c < nd; c++) acc[c] = _mm512_setzero_ps();
-  for (int t = 0; t < total; t++) {
-    const float p = scores[t];
-    if (p == 0.f) continue;  // masked (exp(-inf) = 0) or underflowed: adds nothing
-    const __m512 pv = _mm512_set1_ps(p);
-    const float* v = vh + (kidx ? kidx[t] : base + t) * D;
-    for (int c = 0; c < nd; c++) acc[c] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + c * 16), acc[c]);
-  }
-  const __m512 iv = _mm512_set1_ps(inv);
-  for (int c = 0; c < nd; c++) {
-    __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[c], iv));
-    _mm256_storeu_si256((__m256i*)(out + c * 16), (__m256i)r);
+  for (int g0 = 0; g0 < group; g0 += 4) {
+    const int gn = group - g0 < 4 ? group - g0 : 4;
+    __m512 acc[4][16];
+    for (int g = 0; g < gn; g++)
+      for (int c = 0; c < nd; c++) acc[g][c] = _mm512_setzero_ps();
+    for (int j = 0; j < total; j++) {
+      const float* v = vh + (kidx ? kidx[j] : base + j) * D;
+      for (int c = 0; c < nd; c++) {
+        const __m512 vv = _mm512_loadu_ps(v + c * 16);
+        for (int g = 0; g < gn; g++)
+          acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(g0 + g) * stride + j]), vv, acc[g][c]);
+      }
+    }
+    for (int g = 0; g < gn; g++) {
+      const __m512 iv = _mm512_set1_ps(inv[g0 + g]);
+      for (int c = 0; c < nd; c++) store16(out + (size_t)(g0 + g) * D + c * 16, _mm512_mul_ps(acc[g][c], iv));
+    }
   }
 }
 
@@ -255,9 +327,9 @@ extern "C" int ss_layer(const int64_t* w, const int64_t* dims, float eps, float 
   const int H = (int)dims[HIDDEN], Hq = (int)dims[HEADS], Hkv = (int)dims[KV_HEADS], D = (int)dims[HEAD_DIM];
   const int I = (int)dims[INTERMEDIATE];
   const int64_t P = dims[POOL];
-  if (D % 32 != 0 || D > 256 || H % 32 != 0 || I % 32 != 0 || Hq % Hkv != 0) return -1;
+  if (D % 32 != 0 || D > 256 || Hq / Hkv > 16 || H % 32 != 0 || I % 32 != 0 || Hq % Hkv != 0) return -1;
   const int NQKV = (Hq + 2 * Hkv) * D;
-  const int group = Hq / Hkv, half = D / 2;
+  const int group = Hq / Hkv;
   const bf16* ln1 = (const bf16*)w[LN1];
   const bf16* ln2 = (const bf16*)w[LN2];
   const bf16* wqkv = (const bf16*)w[WQKV];
@@ -297,26 +369,21 @@ extern "C" int ss_layer(const int64_t* w, const int64_t* dims, float eps, float 
       const float* s = sin_t + pos[t] * D;
       const bf16* row = qkv + (size_t)t * NQKV;
       for (int h = 0; h < Hq + Hkv; h++) {
-        const bf16* src = row + h * D;
         float* dst = h < Hq ? qf + ((size_t)t * Hq + h) * D : kc + ((h - Hq) * P + widx[t]) * D;
-        for (int i = 0; i < half; i++) {
-          const float a = bf2f(src[i]), b = bf2f(src[i + half]);
-          dst[i] = round_bf(a * c[i] - b * s[i]);
-          dst[i + half] = round_bf(b * c[i + half] + a * s[i + half]);
-        }
+        rope_head(row + h * D, c, s, dst, D);
       }
       for (int h = 0; h < Hkv; h++) {
         const bf16* src = row + (Hq + Hkv + h) * D;
         float* dst = vc + (h * P + widx[t]) * D;
-        for (int i = 0; i < D; i++) dst[i] = bf2f(src[i]);
+        for (int i = 0; i < D; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
       }
     }
-    // attention: every (row, head) on its own
+    // attention: every (row, K/V head) on its own, with the query heads that share it
     static thread_local std::vector<float> scores;
-    scores.resize((size_t)max_total + 16);
-#pragma omp for schedule(dynamic, 4)
-    for (int job = 0; job < T * Hq; job++) {
-      const int t = job / Hq, h = job % Hq;
+    scores.resize((size_t)group * (max_total + 16));
+#pragma omp for schedule(dynamic, 2)
+    for (int job = 0; job < T * Hkv; job++) {
+      const int t = job / Hkv, g = job % Hkv;
       int s = 0;
       while (qs[s + 1] <= t) s++;
       const int r = t - (int)qs[s];
@@ -324,36 +391,22 @@ extern "C" int ss_layer(const int64_t* w, const int64_t* dims, float eps, float 
       const int total = (int)cs[s] + rows;
       const uint8_t* m = (const uint8_t*)masks[s];
       const int visible = m ? total : (int)cs[s] + r + 1;
-      const int g = h / group;
-      attend_row(qf + ((size_t)t * Hq + h) * D, kc + g * P * D, vc + g * P * D, base[s], (const int64_t*)kidx[s],
-                 visible, m ? m + (size_t)r * total : nullptr, D, scale, scores.data(),
-                 ao + (size_t)t * Hq * D + h * D);
+      attend_group(qf + ((size_t)t * Hq + g * group) * D, group, kc + g * P * D, vc + g * P * D, base[s],
+                   (const int64_t*)kidx[s], visible, m ? m + (size_t)r * total : nullptr, D, scale, scores.data(),
+                   ao + (size_t)t * Hq * D + (size_t)g * group * D);
     }
     linear_omp(wo, nullptr, ao, hb, T, Hq * D, H);
 #pragma omp for schedule(static)
     for (int t = 0; t < T; t++) {
-      bf16* xr = x + (size_t)t * H;
-      const bf16* hr = hb + (size_t)t * H;
-      for (int i = 0; i < H; i++) xr[i] = f2bf(bf2f(xr[i]) + bf2f(hr[i]));
-      rmsnorm_row(xr, ln2, xn + (size_t)t * H, H, eps);
+      residual_row(x + (size_t)t * H, hb + (size_t)t * H, H);
+      rmsnorm_row(x + (size_t)t * H, ln2, xn + (size_t)t * H, H, eps);
     }
     linear_omp(wgu, nullptr, xn, gu, T, H, 2 * I);
 #pragma omp for schedule(static)
-    for (int t = 0; t < T; t++) {
-      const bf16* g = gu + (size_t)t * 2 * I;
-      bf16* a = act + (size_t)t * I;
-      for (int i = 0; i < I; i++) {
-        const float v = bf2f(g[i]);
-        a[i] = f2bf(round_bf(v / (1.0f + expf(-v))) * bf2f(g[I + i]));
-      }
-    }
+    for (int t = 0; t < T; t++) silu_mul_row(gu + (size_t)t * 2 * I, gu + (size_t)t * 2 * I + I, act + (size_t)t * I, I);
     linear_omp(wd, nullptr, act, hb, T, I, H);
 #pragma omp for schedule(static)
-    for (int t = 0; t < T; t++) {
-      bf16* xr = x + (size_t)t * H;
-      const bf16* hr = hb + (size_t)t * H;
-      for (int i = 0; i < H; i++) xr[i] = f2bf(bf2f(xr[i]) + bf2f(hr[i]));
-    }
+    for (int t = 0; t < T; t++) residual_row(x + (size_t)t * H, hb + (size_t)t * H, H);
   }
   return 0;
 }
