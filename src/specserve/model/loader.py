@@ -265,8 +265,8 @@ def build_model(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model = model.to(device).eval().requires_grad_(False)
-    if pack and native.supports(model) is None and (lib := native.library()) is not None:
-        model.native = native.NativeDecoder(model, lib)  # from the plain weights, before packing
+    if pack:
+        model.native = native.NativeDecoder.for_model(model)  # from the plain weights, before packing
     if pack and packing_available(dtype, torch.device(device)):
         pack_linears(model)
     return model

@@ -31,7 +31,10 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from specserve.model.layers import AttentionMetadata
+    from collections.abc import Sequence
+
+    from specserve.config import ModelConfig
+    from specserve.model.layers import AttentionMetadata, DecoderLayer, RotaryTable
     from specserve.model.transformer import DecoderModel
 
 log = logging.getLogger(__name__)
@@ -170,7 +173,7 @@ def supports(model: DecoderModel) -> str | None:
 class _Layer:
     """One layer's weights in the native layout, and the pointer table the call reads."""
 
-    def __init__(self, layer) -> None:  # a DecoderLayer with plain nn.Linear weights
+    def __init__(self, layer: DecoderLayer) -> None:  # with plain nn.Linear weights
         attn, mlp = layer.self_attn, layer.mlp
         self.keep = [
             layer.input_layernorm.weight.detach().contiguous(),
@@ -185,19 +188,27 @@ class _Layer:
 
 
 class NativeDecoder:
-    """Runs a Llama-family model's layers natively for small forwards (see module doc)."""
+    """Runs a stack of Llama-family decoder layers natively (see the module doc): a
+    model's layers, or the one layer of an EAGLE head. Build it from the layers' plain
+    `nn.Linear` weights, before they are packed for oneDNN."""
 
-    def __init__(self, model: DecoderModel, lib: ctypes.CDLL) -> None:
-        cfg = model.config
+    def __init__(self, cfg: ModelConfig, layers: Sequence[DecoderLayer], rope: RotaryTable, lib: ctypes.CDLL) -> None:
         self.lib = lib
-        self.layers = [_Layer(layer) for layer in model.layers]
+        self.layers = [_Layer(layer) for layer in layers]
         self.eps = float(cfg.rms_norm_eps)
-        self.scale = float(model.layers[0].self_attn.scale)
+        self.scale = float(layers[0].self_attn.scale)
         self.dims = (ctypes.c_int64 * 6)(
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, 0
         )
-        self.cos = model.rope.cos
-        self.sin = model.rope.sin
+        self.cos = rope.cos
+        self.sin = rope.sin
+
+    @classmethod
+    def for_model(cls, model: DecoderModel) -> NativeDecoder | None:
+        """The native layers of `model`, or None where they cannot run (see `describe`)."""
+        if supports(model) is not None or (lib := library()) is None:
+            return None
+        return cls(model.config, list(model.layers), model.rope, lib)
 
     def run(
         self,

@@ -24,7 +24,7 @@ class DecoderModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryTable(cfg.rope, cfg.head_dim, max_len)
         self.local_rope = RotaryTable(cfg.local_rope, cfg.head_dim, max_len) if cfg.local_rope else None
-        # native bf16 CPU layers for small forwards (specserve.model.native), set by the loader
+        # native bf16 layers for CPUs with AMX (specserve.model.native), set by the loader
         self.native: NativeDecoder | None = None
 
     @property

@@ -56,6 +56,7 @@ class EagleHead(nn.Module):
         self.register_buffer("draft_ids", torch.arange(draft_vocab_size, dtype=torch.long))
         self._target: Any = None
         self._draft_weight: torch.Tensor | None = None
+        self.native: Any = None  # specserve.model.native.NativeDecoder over `layer`, set at load
 
     def bind(self, target: Any) -> EagleHead:
         """Borrow the target's embeddings, rotary table and LM head rows of the draft vocabulary."""
@@ -77,6 +78,9 @@ class EagleHead(nn.Module):
         if self.config.embed_scale is not None:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         x = self.fc(torch.cat([x, feats.to(x.dtype)], dim=-1))
+        if self.native is not None and isinstance(meta, AttentionMetadata):
+            if self.native.run(x, positions, meta, [k_pool], [v_pool], None):
+                return self.norm(x)
         cos, sin = target.rope.lookup(positions, x.dtype)
         return self.norm(self.layer(x, cos, sin, meta, k_pool, v_pool))
 
@@ -137,6 +141,8 @@ class EagleDrafter:
         self.max_len = max_len
         cfg = head.config
         device, dtype = head._draft_weight.device, head._draft_weight.dtype
+        if head.native is not None:
+            dtype = torch.float32  # the native layer keeps K/V in fp32, as the target's cache
         shape = (cfg.num_kv_heads, num_slots * max_len, cfg.head_dim)
         self.k_pool = torch.zeros(shape, dtype=dtype, device=device)
         self.v_pool = torch.zeros(shape, dtype=dtype, device=device)

@@ -87,6 +87,12 @@ def finish_load(head: nn.Module, target: nn.Module, info: dict[str, Any]):
     head.draft_ids = head.draft_ids.long()
     head.eval().requires_grad_(False)
     head.info = info
+    layer = getattr(head, "layer", None)
+    if target.native is not None and layer is not None:
+        from specserve.model.native import NativeDecoder
+
+        # the target's native layers, for the head's decoder layer too (before packing)
+        head.native = NativeDecoder(target.config, [layer], target.rope, target.native.lib)
     if any(type(m).__name__ == "PackedLinear" for m in target.modules()):
         from specserve.model.cpu_kernels import pack_linears
 

@@ -227,10 +227,36 @@ static inline __m512 hsum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
-static inline float dot(const float* q, const float* k, int D) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
-  return _mm512_reduce_add_ps(acc);
+// q . k[i] for i < N (lanes N.. are 0), every lane reduced by the same tree
+template <int N>
+static inline __m512 key_dots(const float* q, const float* const* k, int D) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+  for (int d = 0; d < D; d += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + d);
+    for (int i = 0; i < N; i++) acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k[i] + d), acc[i]);
+  }
+  return hsum16(acc);
+}
+
+static __m512 key_dots_tail(const float* q, const float* const* k, int n, int D) {
+  switch (n) {
+    case 1: return key_dots<1>(q, k, D);
+    case 2: return key_dots<2>(q, k, D);
+    case 3: return key_dots<3>(q, k, D);
+    case 4: return key_dots<4>(q, k, D);
+    case 5: return key_dots<5>(q, k, D);
+    case 6: return key_dots<6>(q, k, D);
+    case 7: return key_dots<7>(q, k, D);
+    case 8: return key_dots<8>(q, k, D);
+    case 9: return key_dots<9>(q, k, D);
+    case 10: return key_dots<10>(q, k, D);
+    case 11: return key_dots<11>(q, k, D);
+    case 12: return key_dots<12>(q, k, D);
+    case 13: return key_dots<13>(q, k, D);
+    case 14: return key_dots<14>(q, k, D);
+    default: return key_dots<15>(q, k, D);
+  }
 }
 
 // One query row of `group` heads that share a K/V head, over keys [0, total) of its
@@ -242,26 +268,22 @@ static void attend_group(const float* q, int group, const float* kh, const float
                          bf16* out) {
   const int stride = total + 16;
   const __m512 ninf = _mm512_set1_ps(-INFINITY), sv = _mm512_set1_ps(scale);
-  const int full = total & ~15;
-  for (int j0 = 0; j0 < full; j0 += 16) {
+  // 16 keys at a time (the last block padded with zero sums): a key's score is the same
+  // whichever block it falls in, so rows that see more or fewer keys agree exactly
+  for (int j0 = 0; j0 < total; j0 += 16) {
+    const int n = total - j0 < 16 ? total - j0 : 16;
+    const __mmask16 in = n == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
     const float* k[16];
-    for (int i = 0; i < 16; i++) k[i] = kh + (kidx ? kidx[j0 + i] : base + j0 + i) * D;
+    for (int i = 0; i < n; i++) k[i] = kh + (kidx ? kidx[j0 + i] : base + j0 + i) * D;
     __mmask16 hide = 0;
-    if (mask) hide = _mm512_cmpeq_epi32_mask(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(mask + j0))), _mm512_setzero_si512());
-    for (int g = 0; g < group; g++) {
-      const float* qg = q + g * D;
-      __m512 acc[16];
-      for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-      for (int d = 0; d < D; d += 16) {
-        const __m512 qv = _mm512_loadu_ps(qg + d);
-        for (int i = 0; i < 16; i++) acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k[i] + d), acc[i]);
-      }
-      _mm512_storeu_ps(scores + g * stride + j0, _mm512_mask_mov_ps(_mm512_mul_ps(hsum16(acc), sv), hide, ninf));
+    if (mask) {
+      const __m128i bytes = _mm_maskz_loadu_epi8(in, mask + j0);
+      hide = _mm512_cmpeq_epi32_mask(_mm512_cvtepu8_epi32(bytes), _mm512_setzero_si512()) & in;
     }
-  }
-  for (int j = full; j < total; j++) {
-    const float* k = kh + (kidx ? kidx[j] : base + j) * D;
-    for (int g = 0; g < group; g++) scores[g * stride + j] = (mask && !mask[j]) ? -INFINITY : dot(q + g * D, k, D) * scale;
+    for (int g = 0; g < group; g++) {
+      const __m512 dots = n == 16 ? key_dots<16>(q + g * D, k, D) : key_dots_tail(q + g * D, k, n, D);
+      _mm512_mask_storeu_ps(scores + g * stride + j0, in, _mm512_mask_mov_ps(_mm512_mul_ps(dots, sv), hide, ninf));
+    }
   }
   // softmax per head; masked keys get exactly 0 (the clamped polynomial would give ~1e-38)
   float inv[16];
