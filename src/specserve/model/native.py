@@ -223,6 +223,8 @@ class NativeDecoder:
         pool = k_pools[0]
         if not x.is_contiguous() or pool.dtype != torch.float32 or not pool.is_contiguous():
             return False
+        if int(positions.max()) >= self.cos.shape[0]:  # the C++ side does not check bounds
+            raise IndexError(f"position {int(positions.max())} is past the rotary table ({self.cos.shape[0]})")
         n = meta.num_seqs
         keep: list[torch.Tensor] = []  # index and mask tensors the call reads
         bases, kidx = [], []
