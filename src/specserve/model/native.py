@@ -165,8 +165,8 @@ def supports(model: DecoderModel) -> str | None:
         return f"native layers cover the Llama family (plain norms, SiLU, full attention), not {cfg.family}"
     if cfg.head_dim % 32 or cfg.head_dim > 256 or cfg.hidden_size % 32 or cfg.intermediate_size % 32:
         return "native layers need head_dim % 32 == 0 (<= 256) and hidden/intermediate sizes % 32 == 0"
-    if cfg.num_heads % cfg.num_kv_heads:
-        return "native layers need num_heads to be a multiple of num_kv_heads"
+    if cfg.num_heads % cfg.num_kv_heads or cfg.num_heads // cfg.num_kv_heads > 16:
+        return "native layers need num_heads to be a multiple of num_kv_heads, at most 16 times it"
     return None
 
 
