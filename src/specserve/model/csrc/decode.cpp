@@ -28,25 +28,7 @@
 
 typedef uint16_t bf16;
 
-static inline float bf2f(bf16 v) {
-  uint32_t u = (uint32_t)v << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
-// round to nearest even, as torch does
-static inline bf16 f2bf(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (bf16)(u >> 16);
-}
-
-static inline float round_bf(float f) { return bf2f(f2bf(f)); }
-
-// 16 lanes: bf16 <-> fp32 (the narrowing rounds to nearest even, as f2bf)
+// 16 lanes: bf16 <-> fp32 (the narrowing rounds to nearest even, as torch does)
 static inline __m512 load16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
