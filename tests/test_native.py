@@ -134,17 +134,22 @@ def test_native_row_invariance(tmp_path, monkeypatch):
     hidden = run(model, cache, [(b, 0, other, None), (a, 40, ids[40:], None)])
     assert torch.equal(hidden[23:], alone)
 
-    # a token tree whose first branch is the chain: that branch's rows are the chain's
-    tree = torch.zeros(10, 10, dtype=torch.bool)
-    parents = [-1, 0, 1, 2, 3, 4, 5, 6, 0, 8]  # nodes 0..7 = ids[40:48]; 8, 9 a side branch
+    # a token tree holding the chain as one branch, its nodes between other branches'
+    # nodes (so a chain row's ancestors are not consecutive keys): that branch's rows are
+    # the chain's
+    side = torch.randint(0, VOCAB, (4,)).tolist()
+    tokens = [ids[40], side[0], ids[41], ids[42], side[1], side[2], ids[43], ids[44], side[3], ids[45], ids[46], ids[47]]
+    parents = [-1, 0, 0, 2, 2, 4, 3, 6, 6, 7, 9, 10]
+    chain = [0, 2, 3, 6, 7, 9, 10, 11]
+    tree = torch.zeros(len(tokens), len(tokens), dtype=torch.bool)
     for i, p in enumerate(parents):
         tree[i, i] = True
         if p >= 0:
             tree[i] |= tree[p]
-    side = torch.randint(0, VOCAB, (2,)).tolist()
+    assert [tokens[i] for i in chain] == ids[40:] and all(tree[c].sum() == d + 1 for d, c in enumerate(chain))
     cache.truncate(a, 40)
-    hidden = run(model, cache, [(a, 40, ids[40:] + side, tree)])
-    assert torch.equal(hidden[:8], alone)
+    hidden = run(model, cache, [(a, 40, tokens, tree)])
+    assert torch.equal(hidden[chain], alone)
 
     # the same cache entries read through a gathered index instead of one consecutive run
     monkeypatch.setattr(KVCache, "contiguous_start", lambda self, slot, end: None)

@@ -267,8 +267,7 @@ static void attend_group(const float* q, int group, const float* kh, const float
       _mm512_mask_storeu_ps(scores + g * stride + j0, in, _mm512_mask_mov_ps(_mm512_mul_ps(dots, sv), hide, ninf));
     }
   }
-  // softmax per head; masked keys get exactly 0 (the clamped polynomial would give ~1e-38)
-  float inv[16];
+  // softmax numerators per head; masked keys get exactly 0 (the clamped polynomial would give ~1e-38)
   for (int g = 0; g < group; g++) {
     float* sc = scores + g * stride;
     __m512 mx = ninf;
@@ -277,33 +276,38 @@ static void attend_group(const float* q, int group, const float* kh, const float
     float m = _mm512_reduce_max_ps(mx);
     for (; j < total; j++) m = sc[j] > m ? sc[j] : m;
     const __m512 mv = _mm512_set1_ps(m);
-    __m512 sum = _mm512_setzero_ps();
     for (j = 0; j < total; j += 16) {
       const __mmask16 in = total - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (total - j)) - 1u);
       const __m512 x = _mm512_mask_loadu_ps(ninf, in, sc + j);
       const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ), exp512(_mm512_sub_ps(x, mv)));
       _mm512_mask_storeu_ps(sc + j, in, e);
-      sum = _mm512_add_ps(sum, e);
     }
-    inv[g] = 1.0f / _mm512_reduce_add_ps(sum);
   }
-  // out = sum_j p_j v_j per head, each V row loaded once for the group
+  // out = sum_j p_j v_j / sum_j p_j per head, each V row loaded once for the group. Both
+  // sums run over the keys in order, so masked keys (p = 0) anywhere leave them exact: a
+  // token-tree row whose ancestors sit between other branches' keys agrees with the chain.
   const int nd = D / 16;
   for (int g0 = 0; g0 < group; g0 += 4) {
     const int gn = group - g0 < 4 ? group - g0 : 4;
     __m512 acc[4][16];
+    float den[4] = {0.f, 0.f, 0.f, 0.f};
     for (int g = 0; g < gn; g++)
       for (int c = 0; c < nd; c++) acc[g][c] = _mm512_setzero_ps();
     for (int j = 0; j < total; j++) {
       const float* v = vh + (kidx ? kidx[j] : base + j) * D;
+      __m512 pv[4];
+      for (int g = 0; g < gn; g++) {
+        const float p = scores[(g0 + g) * stride + j];
+        den[g] += p;
+        pv[g] = _mm512_set1_ps(p);
+      }
       for (int c = 0; c < nd; c++) {
         const __m512 vv = _mm512_loadu_ps(v + c * 16);
-        for (int g = 0; g < gn; g++)
-          acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(g0 + g) * stride + j]), vv, acc[g][c]);
+        for (int g = 0; g < gn; g++) acc[g][c] = _mm512_fmadd_ps(pv[g], vv, acc[g][c]);
       }
     }
     for (int g = 0; g < gn; g++) {
-      const __m512 iv = _mm512_set1_ps(inv[g0 + g]);
+      const __m512 iv = _mm512_set1_ps(1.0f / den[g]);
       for (int c = 0; c < nd; c++) store16(out + (size_t)(g0 + g) * D + c * 16, _mm512_mul_ps(acc[g][c], iv));
     }
   }
