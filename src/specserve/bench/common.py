@@ -16,6 +16,7 @@ import torch
 
 from specserve.bench.workload import Question, filter_categories, load_questions, select_per_category
 from specserve.equivalence import NEAR_TIE, first_divergence  # noqa: F401  (re-exported for the benches)
+from specserve.model import native
 from specserve.sampling.params import SamplingParams
 
 # what `LLM.build_spec` drafts at most per step when no length is given
@@ -119,15 +120,7 @@ def categories_of(prompts: Sequence[Prompt]) -> list[str]:
 
 
 def machine_info(llm) -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = native.cpuinfo_field("model name") or platform.processor() or "unknown"
     info = {
         "CPU": cpu,
         "cores (os.cpu_count)": str(os.cpu_count()),

@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from specserve.model.layers import AttentionMetadata
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from specserve.config import ModelConfig
-    from specserve.model.layers import AttentionMetadata, DecoderLayer, RotaryTable
+    from specserve.model.layers import DecoderLayer, RotaryTable
     from specserve.model.transformer import DecoderModel
 
 log = logging.getLogger(__name__)
@@ -49,15 +51,20 @@ _tried = False
 _why_not = ""
 
 
-def _cpu_flags() -> set[str]:
+def cpuinfo_field(name: str) -> str | None:
+    """The value of the first `name : value` line of /proc/cpuinfo (None where there is none)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    return set((cpuinfo_field("flags") or "").split())
 
 
 def cache_dir() -> Path:
@@ -214,12 +221,15 @@ class NativeDecoder:
         self,
         x: torch.Tensor,  # [T, hidden] bf16, updated in place
         positions: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: AttentionMetadata | object,
         k_pools: list[torch.Tensor],
         v_pools: list[torch.Tensor],
         layer_mask: list[bool] | None,
     ) -> bool:
-        """Run every (unskipped) layer natively; False (x untouched) when this forward does not qualify."""
+        """Run every (unskipped) layer natively; False (x untouched) when this forward does
+        not qualify (training batches without a KV cache, a non-fp32 pool)."""
+        if not isinstance(meta, AttentionMetadata):
+            return False
         pool = k_pools[0]
         if not x.is_contiguous() or pool.dtype != torch.float32 or not pool.is_contiguous():
             return False

@@ -78,9 +78,8 @@ class EagleHead(nn.Module):
         if self.config.embed_scale is not None:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         x = self.fc(torch.cat([x, feats.to(x.dtype)], dim=-1))
-        if self.native is not None and isinstance(meta, AttentionMetadata):
-            if self.native.run(x, positions, meta, [k_pool], [v_pool], None):
-                return self.norm(x)
+        if self.native is not None and self.native.run(x, positions, meta, [k_pool], [v_pool], None):
+            return self.norm(x)
         cos, sin = target.rope.lookup(positions, x.dtype)
         return self.norm(self.layer(x, cos, sin, meta, k_pool, v_pool))
 
