@@ -132,6 +132,9 @@ def machine_info(llm) -> dict[str, str]:
     kv_dtype = getattr(llm, "kv_dtype", None)
     if kv_dtype is not None and kv_dtype != llm.dtype:
         info["KV cache dtype"] = str(kv_dtype).removeprefix("torch.")
+    model = getattr(llm, "model", None)
+    if model is not None:
+        info["decoder layers"] = native.describe(model)  # native (AMX) or pytorch: the numbers differ a lot
     if llm.device.type == "cuda":
         info["GPU"] = torch.cuda.get_device_name(llm.device)
     return info
