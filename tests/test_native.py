@@ -62,8 +62,11 @@ def models(tmp_path, family: str):
     return fast, slow, ref
 
 
-def new_cache(cfg, slots: int = 4) -> KVCache:
-    return KVCache(cfg.num_layers, slots, 512, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu")
+def new_cache(model, slots: int = 4) -> KVCache:
+    """A cache of the K/V dtype the engine gives `model`: bf16 for the native layers."""
+    cfg = model.config
+    dtype = torch.bfloat16 if model.native is not None else torch.float32
+    return KVCache(cfg.num_layers, slots, 512, cfg.num_kv_heads, cfg.head_dim, dtype, "cpu")
 
 
 def run(model, cache, items):
@@ -87,7 +90,7 @@ def run(model, cache, items):
 
 def decode_alone(model, ids: list[int], prefill: int) -> torch.Tensor:
     """Hidden states of ids[prefill:], each decoded on its own after one prefill."""
-    cache = new_cache(model.config)
+    cache = new_cache(model)
     slot = cache.allocate()
     run(model, cache, [(slot, 0, ids[:prefill], None)])
     cache.commit(slot, prefill)
@@ -121,12 +124,12 @@ def test_native_row_invariance(tmp_path, monkeypatch):
     alone = decode_alone(model, ids, 40)  # rows 40..47, one token per forward
 
     # one prefill of everything
-    cache = new_cache(model.config)
+    cache = new_cache(model)
     slot = cache.allocate()
     assert torch.equal(run(model, cache, [(slot, 0, ids, None)])[40:], alone)
 
     # a chain of 8 "drafts" verified at once, next to another sequence's prefill chunk
-    cache = new_cache(model.config)
+    cache = new_cache(model)
     a, b = cache.allocate(), cache.allocate()
     run(model, cache, [(a, 0, ids[:40], None)])
     cache.commit(a, 40)

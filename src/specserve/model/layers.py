@@ -113,7 +113,9 @@ class AttentionMetadata:
     there), a few runs `[(first index, count), ...]` to concatenate, or an index tensor
     to gather them. `masks[i]` is the boolean attention mask
     `[q_len, cache_start + q_len]` of a full-attention layer, or None for plain causal
-    attention; `sliding_masks[i]` the same for sliding layers.
+    attention; `sliding_masks[i]` the same for sliding layers. `causal[i]` is True when
+    `masks[i]` (if any) is the plain causal mask of a chain, False for a token tree (None:
+    unknown); kernels with their own causal path skip reading the mask.
     """
 
     query_starts: list[int]  # len = num_seqs + 1
@@ -122,6 +124,7 @@ class AttentionMetadata:
     reads: list[int | list[tuple[int, int]] | torch.Tensor]
     masks: list[torch.Tensor | None]
     sliding_masks: list[torch.Tensor | None]
+    causal: list[bool] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -149,6 +152,7 @@ def build_attention_metadata(
     sliding: list[torch.Tensor | None] = []
     writes: list[int] = []
     reads: list[int | list[tuple[int, int]] | torch.Tensor] = []
+    causal: list[bool] = []
     for i, (slot, q_len, start) in enumerate(zip(slots, query_lens, cache_starts)):
         query_starts.append(query_starts[-1] + q_len)
         total = start + q_len
@@ -164,6 +168,7 @@ def build_attention_metadata(
             else:
                 reads.append(torch.tensor(cache.indices(slot, 0, total), dtype=torch.long, device=device))
         tree = tree_masks[i] if tree_masks is not None else None
+        causal.append(tree is None)
         if tree is None and q_len == 1:
             mask = None  # one query sees everything cached
         elif tree is None and start == 0:
@@ -181,7 +186,7 @@ def build_attention_metadata(
         else:
             sliding.append(mask)
     write_index = torch.tensor(writes, dtype=torch.long, device=device)
-    return AttentionMetadata(query_starts, list(cache_starts), write_index, reads, masks, sliding)
+    return AttentionMetadata(query_starts, list(cache_starts), write_index, reads, masks, sliding, causal)
 
 
 class Attention(nn.Module):

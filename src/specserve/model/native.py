@@ -227,11 +227,11 @@ class NativeDecoder:
         layer_mask: list[bool] | None,
     ) -> bool:
         """Run every (unskipped) layer natively; False (x untouched) when this forward does
-        not qualify (training batches without a KV cache, a non-fp32 pool)."""
+        not qualify (training batches without a KV cache, a pool that is not bf16)."""
         if not isinstance(meta, AttentionMetadata):
             return False
         pool = k_pools[0]
-        if not x.is_contiguous() or pool.dtype != torch.float32 or not pool.is_contiguous():
+        if not x.is_contiguous() or pool.dtype != torch.bfloat16 or not pool.is_contiguous():
             return False
         if int(positions.max()) >= self.cos.shape[0]:  # the C++ side does not check bounds
             raise IndexError(f"position {int(positions.max())} is past the rotary table ({self.cos.shape[0]})")
@@ -249,7 +249,9 @@ class NativeDecoder:
             bases.append(0)
             kidx.append(keep[-1].data_ptr())
         mptr = []
-        for m in meta.masks:
+        for i, m in enumerate(meta.masks):
+            if meta.causal is not None and meta.causal[i]:
+                m = None  # the kernel's own causal path
             if m is not None:
                 keep.append(m.contiguous())
             mptr.append(0 if m is None else keep[-1].data_ptr())

@@ -141,7 +141,7 @@ class EagleDrafter:
         cfg = head.config
         device, dtype = head._draft_weight.device, head._draft_weight.dtype
         if head.native is not None:
-            dtype = torch.float32  # the native layer keeps K/V in fp32, as the target's cache
+            dtype = torch.bfloat16  # the native layer keeps K/V in bf16, as the target's cache
         shape = (cfg.num_kv_heads, num_slots * max_len, cfg.head_dim)
         self.k_pool = torch.zeros(shape, dtype=dtype, device=device)
         self.v_pool = torch.zeros(shape, dtype=dtype, device=device)
@@ -329,6 +329,7 @@ class EagleDrafter:
             [e.read_from for e in entries],
             masks,
             [None] * len(entries),
+            [e.mask is None for e in entries],
         )
         return self.head(
             torch.tensor(ids, dtype=torch.long, device=device),

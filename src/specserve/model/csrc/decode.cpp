@@ -2,7 +2,7 @@
 //
 // One call runs a whole decoder layer over the flattened rows of a forward (decode
 // steps, draft verification, prefill chunks, many sequences): RMSNorm, fused QKV
-// projection (+ bias), rotary embedding, K/V written into the fp32 paged pool,
+// projection (+ bias), rotary embedding, K/V written into the bf16 paged pool,
 // attention of every row over its own sequence's cache (causal, or a boolean mask for
 // token trees), output projection, residual, RMSNorm, fused gate/up projection,
 // SiLU * up, down projection, residual. At decode sizes PyTorch spends more time
@@ -183,132 +183,287 @@ static void silu_mul_row(const bf16* gate, const bf16* up, bf16* act, int I) {
 }
 
 // rotate-half rotary embedding of one head (D % 32 == 0), fp32 math rounded to bf16
+// rotary on one head: fp32 math rounded to bf16, stored as fp32 (queries) or bf16 (keys)
+static inline void rope_pair(const bf16* src, const float* c, const float* s, int i, int half, __m512& lo, __m512& hi) {
+  const __m512 a = load16(src + i), b = load16(src + i + half);
+  lo = _mm512_fmsub_ps(a, _mm512_loadu_ps(c + i), _mm512_mul_ps(b, _mm512_loadu_ps(s + i)));
+  hi = _mm512_fmadd_ps(b, _mm512_loadu_ps(c + i + half), _mm512_mul_ps(a, _mm512_loadu_ps(s + i + half)));
+}
 static void rope_head(const bf16* src, const float* c, const float* s, float* dst, int D) {
   const int half = D / 2;
   for (int i = 0; i < half; i += 16) {
-    const __m512 a = load16(src + i), b = load16(src + i + half);
-    _mm512_storeu_ps(dst + i, round16(_mm512_fmsub_ps(a, _mm512_loadu_ps(c + i), _mm512_mul_ps(b, _mm512_loadu_ps(s + i)))));
-    _mm512_storeu_ps(dst + i + half, round16(_mm512_fmadd_ps(b, _mm512_loadu_ps(c + i + half),
-                                                             _mm512_mul_ps(a, _mm512_loadu_ps(s + i + half)))));
+    __m512 lo, hi;
+    rope_pair(src, c, s, i, half, lo, hi);
+    _mm512_storeu_ps(dst + i, round16(lo));
+    _mm512_storeu_ps(dst + i + half, round16(hi));
+  }
+}
+static void rope_head_bf16(const bf16* src, const float* c, const float* s, bf16* dst, int D) {
+  const int half = D / 2;
+  for (int i = 0; i < half; i += 16) {
+    __m512 lo, hi;
+    rope_pair(src, c, s, i, half, lo, hi);
+    store16(dst + i, lo);
+    store16(dst + i + half, hi);
   }
 }
 
-// ---------------------------------------------------------------- attention
+// ---------------------------------------------------------------- attention (AMX)
+//
+// A job is a block of up to 16 query lines (rows x the `group` query heads sharing a
+// K/V head) of one sequence. Scores come from AMX tiles (K rows x Q^T, exact bf16
+// inputs: q and k are bf16-rounded, and v is bf16), softmax runs in fp32, and the
+// probabilities, split into bf16 hi + lo parts, multiply V (and a ones column for the
+// denominator) in AMX tiles, one 32-key step at a time.
+//
+// Row invariance: a line's scores depend only on its q and the keys; its output is the
+// same sequence of 32-key tile steps over the same values at the same positions whatever
+// the block holds (tile lines are independent; an all-zero line or step adds exactly 0).
+// Key j sits at position j for causal rows. A token-tree row sees the cached keys and its
+// ancestors with other branches' keys in between: its P x V steps past the last full
+// step of cached keys run over its own visible keys gathered in order, which puts every
+// key where a chain of the same tokens has it, so the tree row equals the chain row.
 
-// Sums of 16 vectors: lane j of the result = sum of the lanes of v[j] (a transpose-add tree).
-static inline __m512 hsum16(const __m512* v) {
-  __m512 t[8], u[4], w[2];
-  for (int i = 0; i < 8; i++)
-    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+// r[k] <- column k of the 16 x 16 matrix whose rows are r[0..15]
+static inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 8; i++) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
   for (int i = 0; i < 4; i++) {
-    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
-    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
   }
   for (int i = 0; i < 2; i++)
-    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
-}
-
-// q . k[i] for i < N (lanes N.. are 0), every lane reduced by the same tree
-template <int N>
-static inline __m512 key_dots(const float* q, const float* const* k, int D) {
-  __m512 acc[16];
-  for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-  for (int d = 0; d < D; d += 16) {
-    const __m512 qv = _mm512_loadu_ps(q + d);
-    for (int i = 0; i < N; i++) acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k[i] + d), acc[i]);
-  }
-  return hsum16(acc);
-}
-
-static __m512 key_dots_tail(const float* q, const float* const* k, int n, int D) {
-  switch (n) {
-    case 1: return key_dots<1>(q, k, D);
-    case 2: return key_dots<2>(q, k, D);
-    case 3: return key_dots<3>(q, k, D);
-    case 4: return key_dots<4>(q, k, D);
-    case 5: return key_dots<5>(q, k, D);
-    case 6: return key_dots<6>(q, k, D);
-    case 7: return key_dots<7>(q, k, D);
-    case 8: return key_dots<8>(q, k, D);
-    case 9: return key_dots<9>(q, k, D);
-    case 10: return key_dots<10>(q, k, D);
-    case 11: return key_dots<11>(q, k, D);
-    case 12: return key_dots<12>(q, k, D);
-    case 13: return key_dots<13>(q, k, D);
-    case 14: return key_dots<14>(q, k, D);
-    default: return key_dots<15>(q, k, D);
-  }
-}
-
-// One query row of `group` heads that share a K/V head, over keys [0, total) of its
-// sequence (visible per `mask` row, or all of them); keys/values at pool indices
-// kidx[j] (or base + j) of a [P, D] head slice. scores: group x (total + 16) floats.
-// Each head's result is computed the same way whatever `group` is.
-static void attend_group(const float* q, int group, const float* kh, const float* vh, int64_t base,
-                         const int64_t* kidx, int total, const uint8_t* mask, int D, float scale, float* scores,
-                         bf16* out) {
-  const int stride = total + 16;
-  const __m512 ninf = _mm512_set1_ps(-INFINITY), sv = _mm512_set1_ps(scale);
-  // 16 keys at a time (the last block padded with zero sums): a key's score is the same
-  // whichever block it falls in, so rows that see more or fewer keys agree exactly
-  for (int j0 = 0; j0 < total; j0 += 16) {
-    const int n = total - j0 < 16 ? total - j0 : 16;
-    const __mmask16 in = n == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
-    const float* k[16];
-    for (int i = 0; i < n; i++) k[i] = kh + (kidx ? kidx[j0 + i] : base + j0 + i) * D;
-    __mmask16 hide = 0;
-    if (mask) {
-      const __m128i bytes = _mm_maskz_loadu_epi8(in, mask + j0);
-      hide = _mm512_cmpeq_epi32_mask(_mm512_cvtepu8_epi32(bytes), _mm512_setzero_si512()) & in;
+    for (int j = 0; j < 4; j++) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xDD);
     }
-    for (int g = 0; g < group; g++) {
-      const __m512 dots = n == 16 ? key_dots<16>(q + g * D, k, D) : key_dots_tail(q + g * D, k, n, D);
-      _mm512_mask_storeu_ps(scores + g * stride + j0, in, _mm512_mask_mov_ps(_mm512_mul_ps(dots, sv), hide, ninf));
+  for (int j = 0; j < 8; j++) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
+  }
+}
+
+// every tile 16 rows x 64 bytes: tmm0-3 P x V (16 dims each), tmm4 denominator or
+// scores, tmm5-6 A operands (K rows, or P hi / lo), tmm7 B operands
+static void configure_attention_tiles() {
+  TileConfig c;
+  memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int i = 0; i < 8; i++) {
+    c.rows[i] = 16;
+    c.colsb[i] = 64;
+  }
+  _tile_loadconfig(&c);
+}
+
+struct AttnScratch {
+  std::vector<bf16> qt, kb, phi, plo, gphi, gplo, vb;
+  std::vector<float> s;
+  std::vector<int64_t> keys, gkeys;
+  std::vector<int> vis;
+  alignas(64) float ct[256];
+  alignas(64) bf16 ones[512];
+};
+
+// One sequence's view of the pool: keys 0..total-1 at kidx[j] (or base + j).
+struct SeqView {
+  const bf16 *kh, *vh;
+  int64_t base;
+  const int64_t* kidx;
+  int cs, total;
+  const uint8_t* mask;  // [rows, total] or null (causal)
+  inline int64_t at(int j) const { return kidx ? kidx[j] : base + j; }
+};
+
+// V rows keys[0..31] (pool indices, -1 = a zero row) as D/16 VNNI B tiles [16][16][2]
+static void pack_v(const SeqView& sv, const int64_t* keys, int D, bf16* vb) {
+  const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int kp = 0; kp < 16; kp++) {
+    const bf16* v0 = keys[2 * kp] >= 0 ? sv.vh + keys[2 * kp] * D : nullptr;
+    const bf16* v1 = keys[2 * kp + 1] >= 0 ? sv.vh + keys[2 * kp + 1] * D : nullptr;
+    for (int dt = 0; dt < D / 16; dt++) {
+      const __m256i a = v0 ? _mm256_loadu_si256((const __m256i*)(v0 + dt * 16)) : _mm256_setzero_si256();
+      const __m256i b = v1 ? _mm256_loadu_si256((const __m256i*)(v1 + dt * 16)) : _mm256_setzero_si256();
+      const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);  // a0..a15, b0..b15
+      _mm512_storeu_si512(vb + (size_t)dt * 512 + kp * 32, _mm512_permutexvar_epi16(inter, ab));
     }
   }
-  // softmax numerators per head; masked keys get exactly 0 (the clamped polynomial would give ~1e-38)
-  for (int g = 0; g < group; g++) {
-    float* sc = scores + g * stride;
+}
+
+// C (tiles 0..nd-1, and 4 when den) += P[:, cols] x V[keys] over 32-key steps.
+static void pv_steps(const SeqView& sv, const bf16* phi, const bf16* plo, int pstride, const int64_t* keys, int nsteps,
+                     int d0, int nd, bool den, const bf16* ones, int D, bf16* vb) {
+  for (int st = 0; st < nsteps; st++) {
+    _tile_loadd(5, phi + st * 32, pstride * 2);
+    _tile_loadd(6, plo + st * 32, pstride * 2);
+    if (den) {
+      _tile_loadd(7, ones, 64);
+      _tile_dpbf16ps(4, 5, 7);
+      _tile_dpbf16ps(4, 6, 7);
+    }
+    pack_v(sv, keys + st * 32, D, vb);
+    for (int i = 0; i < nd; i++) {
+      _tile_loadd(7, vb + (size_t)(d0 / 16 + i) * 512, 64);
+      switch (i) {  // tile numbers must be immediates
+        case 0: _tile_dpbf16ps(0, 5, 7); _tile_dpbf16ps(0, 6, 7); break;
+        case 1: _tile_dpbf16ps(1, 5, 7); _tile_dpbf16ps(1, 6, 7); break;
+        case 2: _tile_dpbf16ps(2, 5, 7); _tile_dpbf16ps(2, 6, 7); break;
+        default: _tile_dpbf16ps(3, 5, 7); _tile_dpbf16ps(3, 6, 7); break;
+      }
+    }
+  }
+}
+
+// Rows r0..r0+nr-1 of a sequence (its rows start at forward row t0), K/V head g, for
+// `group` query heads each: nl = nr * group <= 16 lines, line m = (row - r0) * group + h.
+static void attend_block(const SeqView& sv, const float* qf, bf16* ao, int t0, int r0, int nr, int g, int group,
+                         int Hq, int D, float scale, AttnScratch& w) {
+  const int nl = nr * group;
+  const bool causal = sv.mask == nullptr;
+  const int kmax = causal ? sv.cs + r0 + nr : sv.total;  // keys any line of the block sees
+  const int kpad = (kmax + 31) / 32 * 32;
+  const __m512 ninf = _mm512_set1_ps(-INFINITY), svec = _mm512_set1_ps(scale);
+  // Q^T as VNNI B tiles [D/32][16 d pairs][16 lines][2]; lines past nl are zero
+  w.qt.assign((size_t)D * 16, 0);
+  for (int m = 0; m < nl; m++) {
+    const float* q = qf + ((size_t)(t0 + r0 + m / group) * Hq + g * group + m % group) * D;
+    for (int d = 0; d < D; d++) {
+      const float x = q[d];
+      uint32_t u;
+      memcpy(&u, &x, 4);
+      w.qt[(size_t)(d / 32) * 512 + ((d % 32) / 2) * 32 + m * 2 + (d & 1)] = (bf16)(u >> 16);  // exact: q is bf16-rounded
+    }
+  }
+  // scores s[m][j] for j < kmax, 16 keys per tile
+  w.s.resize((size_t)16 * kpad);
+  w.kb.resize((size_t)16 * D);
+  float* s = w.s.data();
+  for (int j0 = 0; j0 < kmax; j0 += 16) {
+    const int n = kmax - j0 < 16 ? kmax - j0 : 16;
+    const bf16* kt = w.kb.data();
+    if (j0 + 16 < kmax) {  // the next tile's keys, while this one computes
+      const int last = kmax - j0 - 16 < 16 ? kmax - j0 - 16 : 16;
+      for (int i = 0; i < last; i++)
+        for (int d = 0; d < D; d += 32) _mm_prefetch((const char*)(sv.kh + sv.at(j0 + 16 + i) * D + d), _MM_HINT_T0);
+    }
+    if (n == 16 && sv.at(j0 + 15) - sv.at(j0) == 15) {
+      kt = sv.kh + sv.at(j0) * D;  // 16 consecutive pool rows: the tile reads them in place
+    } else {
+      for (int i = 0; i < 16; i++) {
+        bf16* dst = w.kb.data() + (size_t)i * D;
+        if (i < n) memcpy(dst, sv.kh + sv.at(j0 + i) * D, (size_t)D * 2);
+        else memset(dst, 0, (size_t)D * 2);
+      }
+    }
+    _tile_zero(4);
+    for (int d = 0; d < D; d += 32) {
+      _tile_loadd(5, kt + d, D * 2);
+      _tile_loadd(7, w.qt.data() + (size_t)(d / 32) * 512, 64);
+      _tile_dpbf16ps(4, 5, 7);
+    }
+    _tile_stored(4, w.ct, 64);
+    __m512 r[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(w.ct + i * 16);
+    transpose16(r);
+    for (int m = 0; m < nl; m++) _mm512_storeu_ps(s + (size_t)m * kpad + j0, r[m]);
+  }
+  // softmax numerators per line (masked keys exactly 0), split into bf16 hi + lo
+  w.phi.assign((size_t)16 * kpad, 0);
+  w.plo.assign((size_t)16 * kpad, 0);
+  for (int m = 0; m < nl; m++) {
+    const int row = r0 + m / group;
+    float* sc = s + (size_t)m * kpad;
+    const int end = causal ? sv.cs + row + 1 : sv.total;
+    const uint8_t* mrow = causal ? nullptr : sv.mask + (size_t)row * sv.total;
+    for (int j = 0; j < end; j += 16) {
+      const __mmask16 in = end - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - j)) - 1u);
+      __mmask16 hide = 0;
+      if (mrow && j + 16 > sv.cs) {
+        const __m128i bytes = _mm_maskz_loadu_epi8(in, mrow + j);
+        hide = _mm512_cmpeq_epi32_mask(_mm512_cvtepu8_epi32(bytes), _mm512_setzero_si512()) & in;
+      }
+      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, sc + j), svec);
+      _mm512_storeu_ps(sc + j, _mm512_mask_mov_ps(x, (__mmask16)(hide | (__mmask16)~in), ninf));
+    }
     __m512 mx = ninf;
-    int j = 0;
-    for (; j + 16 <= total; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sc + j));
-    float m = _mm512_reduce_max_ps(mx);
-    for (; j < total; j++) m = sc[j] > m ? sc[j] : m;
-    const __m512 mv = _mm512_set1_ps(m);
-    for (j = 0; j < total; j += 16) {
-      const __mmask16 in = total - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (total - j)) - 1u);
-      const __m512 x = _mm512_mask_loadu_ps(ninf, in, sc + j);
+    for (int j = 0; j < end; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sc + j));
+    const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    bf16* hi = w.phi.data() + (size_t)m * kpad;
+    bf16* lo = w.plo.data() + (size_t)m * kpad;
+    for (int j = 0; j < end; j += 16) {
+      const __m512 x = _mm512_loadu_ps(sc + j);
       const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ), exp512(_mm512_sub_ps(x, mv)));
-      _mm512_mask_storeu_ps(sc + j, in, e);
+      const __m512 h = round16(e);
+      const __mmask16 in = end - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - j)) - 1u);
+      _mm256_mask_storeu_epi16(hi + j, in, (__m256i)_mm512_cvtneps_pbh(h));
+      _mm256_mask_storeu_epi16(lo + j, in, (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(e, h)));
     }
   }
-  // out = sum_j p_j v_j / sum_j p_j per head, each V row loaded once for the group. Both
-  // sums run over the keys in order, so masked keys (p = 0) anywhere leave them exact: a
-  // token-tree row whose ancestors sit between other branches' keys agrees with the chain.
-  const int nd = D / 16;
-  for (int g0 = 0; g0 < group; g0 += 4) {
-    const int gn = group - g0 < 4 ? group - g0 : 4;
-    __m512 acc[4][16];
-    float den[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int g = 0; g < gn; g++)
-      for (int c = 0; c < nd; c++) acc[g][c] = _mm512_setzero_ps();
-    for (int j = 0; j < total; j++) {
-      const float* v = vh + (kidx ? kidx[j] : base + j) * D;
-      __m512 pv[4];
-      for (int g = 0; g < gn; g++) {
-        const float p = scores[(g0 + g) * stride + j];
-        den[g] += p;
-        pv[g] = _mm512_set1_ps(p);
-      }
-      for (int c = 0; c < nd; c++) {
-        const __m512 vv = _mm512_loadu_ps(v + c * 16);
-        for (int g = 0; g < gn; g++) acc[g][c] = _mm512_fmadd_ps(pv[g], vv, acc[g][c]);
+  // P x V: steps of 32 keys at their own positions; for token trees the steps past the
+  // last full step of cached keys run per row over its visible keys gathered in order
+  const int shared = causal ? kpad / 32 : sv.cs / 32;
+  w.keys.resize((size_t)kpad + 32);
+  for (int j = 0; j < shared * 32; j++) w.keys[j] = j < kmax ? sv.at(j) : -1;
+  w.vb.resize((size_t)D * 32);
+  alignas(64) float cbuf[5][256];
+  float den[16];
+  for (int d0 = 0; d0 < D; d0 += 64) {
+    const int nd = D - d0 < 64 ? (D - d0) / 16 : 4;
+    const bool want_den = d0 == 0;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_zero(4);
+    pv_steps(sv, w.phi.data(), w.plo.data(), kpad, w.keys.data(), shared, d0, nd, want_den, w.ones, D, w.vb.data());
+    if (!causal) {
+      for (int rr = 0; rr < nr; rr++) {
+        const int row = r0 + rr;
+        const uint8_t* mrow = sv.mask + (size_t)row * sv.total;
+        // visible keys past the shared steps, in order
+        std::vector<int>& vis = w.vis;
+        vis.clear();
+        for (int j = shared * 32; j < sv.total; j++)
+          if (j < sv.cs || mrow[j]) vis.push_back(j);
+        const int len = (int)vis.size();
+        const int steps = (len + 31) / 32;
+        const int gstride = steps * 32;
+        w.gphi.assign((size_t)16 * gstride, 0);
+        w.gplo.assign((size_t)16 * gstride, 0);
+        std::vector<int64_t>& gkeys = w.gkeys;
+        gkeys.assign((size_t)gstride, -1);
+        for (int i = 0; i < len; i++) gkeys[i] = sv.at(vis[i]);
+        for (int h = 0; h < group; h++) {
+          const int m = rr * group + h;
+          for (int i = 0; i < len; i++) {
+            w.gphi[(size_t)m * gstride + i] = w.phi[(size_t)m * kpad + vis[i]];
+            w.gplo[(size_t)m * gstride + i] = w.plo[(size_t)m * kpad + vis[i]];
+          }
+        }
+        pv_steps(sv, w.gphi.data(), w.gplo.data(), gstride, gkeys.data(), steps, d0, nd, want_den, w.ones, D,
+                 w.vb.data());
       }
     }
-    for (int g = 0; g < gn; g++) {
-      const __m512 iv = _mm512_set1_ps(1.0f / den[g]);
-      for (int c = 0; c < nd; c++) store16(out + (size_t)(g0 + g) * D + c * 16, _mm512_mul_ps(acc[g][c], iv));
+    _tile_stored(0, cbuf[0], 64);
+    _tile_stored(1, cbuf[1], 64);
+    _tile_stored(2, cbuf[2], 64);
+    _tile_stored(3, cbuf[3], 64);
+    if (want_den) {
+      _tile_stored(4, cbuf[4], 64);
+      for (int m = 0; m < 16; m++) den[m] = cbuf[4][m * 16];
+    }
+    for (int m = 0; m < nl; m++) {
+      const __m512 iv = _mm512_set1_ps(1.0f / den[m]);
+      bf16* out = ao + (size_t)(t0 + r0 + m / group) * Hq * D + (size_t)(g * group + m % group) * D + d0;
+      for (int i = 0; i < nd; i++) store16(out + i * 16, _mm512_mul_ps(_mm512_load_ps(cbuf[i] + m * 16), iv));
     }
   }
 }
@@ -317,6 +472,10 @@ static void attend_group(const float* q, int group, const float* kh, const float
 
 enum Weight { LN1, LN2, WQKV, BQKV, WO, WGU, WD, KCACHE, VCACHE, NUM_WEIGHTS };
 enum Dim { HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, POOL, NUM_DIMS };
+
+struct Job {
+  int seq, r0, nr, head;
+};
 
 struct Scratch {
   std::vector<bf16> xn, qkv, ao, h, gu, act;
@@ -345,14 +504,17 @@ extern "C" int ss_layer(const int64_t* w, const int64_t* dims, float eps, float 
   const bf16* wo = (const bf16*)w[WO];
   const bf16* wgu = (const bf16*)w[WGU];
   const bf16* wd = (const bf16*)w[WD];
-  float* kc = (float*)w[KCACHE];
-  float* vc = (float*)w[VCACHE];
+  bf16* kc = (bf16*)w[KCACHE];
+  bf16* vc = (bf16*)w[VCACHE];
 
-  int max_total = 0;
-  for (int s = 0; s < nseq; s++) {
-    const int total = (int)(cs[s] + qs[s + 1] - qs[s]);
-    max_total = total > max_total ? total : max_total;
-  }
+  // attention jobs: per sequence, blocks of 16 / group rows, per K/V head
+  std::vector<Job> jobs;
+  const int rows_per_job = 16 / group;
+  for (int s = 0; s < nseq; s++)
+    for (int r0 = 0; r0 < (int)(qs[s + 1] - qs[s]); r0 += rows_per_job) {
+      const int left = (int)(qs[s + 1] - qs[s]) - r0;
+      for (int g = 0; g < Hkv; g++) jobs.push_back(Job{s, r0, left < rows_per_job ? left : rows_per_job, g});
+    }
   static thread_local Scratch sc;
   sc.xn.resize((size_t)T * H);
   sc.qkv.resize((size_t)T * NQKV);
@@ -376,33 +538,30 @@ extern "C" int ss_layer(const int64_t* w, const int64_t* dims, float eps, float 
       const float* c = cos_t + pos[t] * D;
       const float* s = sin_t + pos[t] * D;
       const bf16* row = qkv + (size_t)t * NQKV;
-      for (int h = 0; h < Hq + Hkv; h++) {
-        float* dst = h < Hq ? qf + ((size_t)t * Hq + h) * D : kc + ((h - Hq) * P + widx[t]) * D;
-        rope_head(row + h * D, c, s, dst, D);
-      }
+      for (int h = 0; h < Hq; h++) rope_head(row + h * D, c, s, qf + ((size_t)t * Hq + h) * D, D);
       for (int h = 0; h < Hkv; h++) {
-        const bf16* src = row + (Hq + Hkv + h) * D;
-        float* dst = vc + (h * P + widx[t]) * D;
-        for (int i = 0; i < D; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
+        rope_head_bf16(row + (Hq + h) * D, c, s, kc + (h * P + widx[t]) * D, D);
+        memcpy(vc + (h * P + widx[t]) * D, row + (Hq + Hkv + h) * D, (size_t)D * 2);
       }
     }
-    // attention: every (row, K/V head) on its own, with the query heads that share it
-    static thread_local std::vector<float> scores;
-    scores.resize((size_t)group * (max_total + 16));
-#pragma omp for schedule(dynamic, 2)
-    for (int job = 0; job < T * Hkv; job++) {
-      const int t = job / Hkv, g = job % Hkv;
-      int s = 0;
-      while (qs[s + 1] <= t) s++;
-      const int r = t - (int)qs[s];
-      const int rows = (int)(qs[s + 1] - qs[s]);
-      const int total = (int)cs[s] + rows;
-      const uint8_t* m = (const uint8_t*)masks[s];
-      const int visible = m ? total : (int)cs[s] + r + 1;
-      attend_group(qf + ((size_t)t * Hq + g * group) * D, group, kc + g * P * D, vc + g * P * D, base[s],
-                   (const int64_t*)kidx[s], visible, m ? m + (size_t)r * total : nullptr, D, scale, scores.data(),
-                   ao + (size_t)t * Hq * D + (size_t)g * group * D);
+    // attention: blocks of up to 16 query lines (rows x the heads sharing a K/V head)
+    bool tiles = false;
+#pragma omp for schedule(dynamic, 1)
+    for (size_t b = 0; b < jobs.size(); b++) {
+      if (!tiles) {
+        configure_attention_tiles();
+        tiles = true;
+      }
+      static thread_local AttnScratch ws;
+      if (ws.ones[0] == 0)
+        for (int i = 0; i < 16; i++) ws.ones[i * 32] = ws.ones[i * 32 + 1] = 0x3F80;  // column 0 = 1.0
+      const Job& jb = jobs[b];
+      const int sq = jb.seq, rows = (int)(qs[sq + 1] - qs[sq]);
+      const SeqView sv{kc + jb.head * P * D, vc + jb.head * P * D, base[sq], (const int64_t*)kidx[sq], (int)cs[sq],
+                       (int)cs[sq] + rows, (const uint8_t*)masks[sq]};
+      attend_block(sv, qf, ao, (int)qs[sq], jb.r0, jb.nr, jb.head, group, Hq, D, scale, ws);
     }
+    if (tiles) _tile_release();
     linear_omp(wo, nullptr, ao, hb, T, Hq * D, H);
 #pragma omp for schedule(static)
     for (int t = 0; t < T; t++) {
