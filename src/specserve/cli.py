@@ -257,6 +257,24 @@ def build_parser() -> ArgumentParser:
     add("--repetitions", type=_count(1), default=1, metavar="R", help="timed runs per level and method (default: 1)")
     add("--out", default="bench_out", metavar="DIR", help="where raw JSONL and the report go (default: bench_out/)")
     bt.set_defaults(func=cmd_bench_throughput, parser=bt)
+
+    bf = kinds.add_parser(
+        "forward",
+        help="target forward time by batch shape, native layers vs. PyTorch",
+        description="One target forward of S sequences x N new tokens each over C cached tokens per sequence (the "
+        "shape of a verification step, every row's logits computed), for the native decoder layers and the PyTorch "
+        "path side by side in one run on one loaded model. Prints milliseconds per forward (best of R) and the ratio; "
+        "writes raw JSONL and the Markdown report to --out.",
+    )
+    _model_options(bf, "dtype of the model")
+    add = bf.add_argument
+    add("--paths", default="native,pytorch", metavar="LIST", help="comma-separated: native, pytorch (default: both)")
+    add("--contexts", default="128,512", metavar="LIST", help="cached tokens per sequence (default: 128,512)")
+    add("--seqs", default="1,4,16", metavar="LIST", help="sequences per forward (default: 1,4,16)")
+    add("--tokens", default="1,5,9,17", metavar="LIST", help="new tokens per sequence (default: 1,5,9,17)")
+    add("--repetitions", type=_count(1), default=3, metavar="R", help="timed forwards per cell (default: 3)")
+    add("--out", default="bench_out", metavar="DIR", help="where raw JSONL and the report go (default: bench_out/)")
+    bf.set_defaults(func=cmd_bench_forward, parser=bf)
     _add_serve_commands(commands, kinds)
     from specserve.bench.cli import add_harness_commands
 
@@ -539,6 +557,32 @@ def cmd_bench_spec(parser: ArgumentParser, args: argparse.Namespace) -> int:
             adaptive=args.adaptive_spec,
             out_dir=args.out,
             categories=_split(args.categories),
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(_one_line(exc))
+    return 0
+
+
+def cmd_bench_forward(parser: ArgumentParser, args: argparse.Namespace) -> int:
+    if args.model is not None and not os.path.exists(args.model):
+        parser.error(f"--model: path does not exist: {args.model}")
+    from specserve.bench.forward import parse_ints, parse_paths, run_forward_bench
+
+    try:
+        paths = parse_paths(args.paths)
+        contexts = parse_ints(args.contexts, "--contexts")
+        seqs = parse_ints(args.seqs, "--seqs")
+        tokens = parse_ints(args.tokens, "--tokens")
+    except ValueError as exc:
+        parser.error(str(exc))
+    if max(contexts) + max(tokens) > 32768:
+        parser.error(f"--contexts/--tokens: {max(contexts)} + {max(tokens)} tokens is past the 32768 this bench allows")
+    if max(seqs) > 256:
+        parser.error(f"--seqs: at most 256 sequences, got {max(seqs)}")
+    try:
+        run_forward_bench(
+            model=args.model, dtype=args.dtype, device=args.device, paths=paths, contexts=contexts, seqs=seqs,
+            tokens=tokens, repetitions=args.repetitions, out_dir=args.out,
         )
     except (ValueError, FileNotFoundError) as exc:
         parser.error(_one_line(exc))
