@@ -57,7 +57,7 @@ def models(tmp_path, family: str):
     ckpt = tiny_checkpoint(tmp_path, family)
     fast = build_model(ckpt.config, ckpt.tensors, torch.bfloat16, "cpu", 512)
     slow = build_model(ckpt.config, ckpt.tensors, torch.bfloat16, "cpu", 512)
-    slow.native = None
+    slow.native = slow.native_head = None
     ref = build_model(ckpt.config, ckpt.tensors, torch.float32, "cpu", 512)
     return fast, slow, ref
 
@@ -177,6 +177,22 @@ def test_native_linear_is_exact_per_row():
         assert torch.equal(native.linear(lib, packed, bias, x[m : m + 1].contiguous())[0], y[m])
 
 
+@needs_native
+def test_native_lm_head_rows_are_exact_and_invariant(tmp_path):
+    model, slow, _ = models(tmp_path, "llama")
+    assert model.native_head is not None and slow.native_head is None
+    assert not hasattr(model.lm_head, "packed")  # no second (oneDNN) copy next to the native one
+    x = torch.randn(37, model.config.hidden_size).to(torch.bfloat16)
+    full = model.compute_logits(x)
+    assert full.dtype == torch.float32 and torch.equal(full, full.bfloat16().float())  # bf16 values, as before
+    for i in (0, 5, 16, 36):  # a row is the same alone or among others
+        assert torch.equal(model.compute_logits(x[i : i + 1]), full[i : i + 1])
+    assert model.compute_logits(x[:0]).shape == (0, VOCAB)
+    exact = x.float() @ model.lm_head.weight.float().T  # the same bf16 weights, an fp32 sum
+    assert ((full - exact).abs() <= exact.abs() * 2**-7 + 1e-3).all()  # one bf16 rounding of an fp32-accurate sum
+    assert (full - slow.compute_logits(x)).abs().max().item() <= 2**-6 * exact.abs().max().item()
+
+
 def test_other_families_and_dtypes_keep_pytorch(tmp_path):
     ckpt = tiny_checkpoint(tmp_path, "qwen3")
     model = build_model(ckpt.config, ckpt.tensors, torch.bfloat16, "cpu", 512)
@@ -184,7 +200,7 @@ def test_other_families_and_dtypes_keep_pytorch(tmp_path):
     assert "qwen3" in native.supports(model)
     ckpt = tiny_checkpoint(tmp_path, "llama")
     model = build_model(ckpt.config, ckpt.tensors, torch.float32, "cpu", 512)
-    assert model.native is None
+    assert model.native is None and model.native_head is None
     assert native.describe(model).startswith("pytorch (native layers run bf16 models on the CPU only")
 
 

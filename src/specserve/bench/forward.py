@@ -4,9 +4,10 @@ One forward of S sequences x N new tokens each over C cached tokens per sequence
 shape of a verification step: every row's logits are computed), through `ModelRunner`
 on a scratch KV cache, for each decoder-layer path in one run on one loaded model:
 
-- `native`: the C++ AMX layers (bf16 K/V pool), where this CPU and model have them;
-- `pytorch`: the same model with the native layers switched off (fp32 K/V pool on the
-  CPU, as the engine gives it).
+- `native`: the C++ AMX layers and LM head (bf16 K/V pool), where this CPU and model
+  have them;
+- `pytorch`: the same model with the native kernels switched off: PyTorch layers and
+  the oneDNN LM head, fp32 K/V pool on the CPU (as `SPECSERVE_NATIVE=0` loads it).
 
 Each cell is the best of `--repetitions` timed forwards after one untimed one. The
 report prints milliseconds per forward for each path and, with both, the ratio
@@ -28,6 +29,7 @@ from specserve.bench.common import header_table, machine_info, publish_report, r
 from specserve.cache import KVCache
 from specserve.engine.runner import ForwardItem, ModelRunner
 from specserve.model import native
+from specserve.model.cpu_kernels import PackedLinear, packing_available
 
 PATHS = ("native", "pytorch")
 
@@ -115,7 +117,10 @@ def run_forward_bench(
     stdout = stdout or sys.stdout
     llm = LLM(model=model, dtype=dtype, device=device, max_num_seqs=1, max_model_len=max(contexts) + max(tokens) + 1)
     target = llm.engine.runner.model
-    layers = target.native
+    layers, head, lm_head = target.native, target.native_head, target.lm_head
+    torch_head = lm_head
+    if head is not None and packing_available(target.dtype, target.device):
+        torch_head = PackedLinear(lm_head)  # the PyTorch path's LM head, as SPECSERVE_NATIVE=0 loads it
     skipped = {}
     if "native" in paths and layers is None:
         skipped["native"] = native.describe(target)
@@ -126,7 +131,9 @@ def run_forward_bench(
     try:
         with open(raw_path, "w", encoding="utf-8") as raw:
             for path in run_paths:
-                target.native = layers if path == "native" else None
+                target.native, target.native_head, target.lm_head = (
+                    (layers, head, lm_head) if path == "native" else (None, None, torch_head)
+                )
                 if path == "native":
                     kv_dtype = torch.bfloat16
                 else:
@@ -141,7 +148,7 @@ def run_forward_bench(
                             records.append(rec)
                             print(f"  {path} context {context}: {s} x {n}: {rec.best_ms:.1f} ms", file=sys.stderr)
     finally:
-        target.native = layers
+        target.native, target.native_head, target.lm_head = layers, head, lm_head
     report = format_report(llm, records, run_paths, skipped, contexts, seqs, tokens, repetitions,
                            time.perf_counter() - started)
     publish_report(report, raw_path, stdout)

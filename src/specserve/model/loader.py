@@ -267,6 +267,10 @@ def build_model(
     model = model.to(device).eval().requires_grad_(False)
     if pack:
         model.native = native.NativeDecoder.for_model(model)  # from the plain weights, before packing
+        model.native_head = native.NativeLMHead.for_model(model)
     if pack and packing_available(dtype, torch.device(device)):
+        head = model.lm_head
         pack_linears(model)
+        if model.native_head is not None:
+            model.lm_head = head  # logits come from the native copy: no oneDNN copy besides it
     return model

@@ -139,6 +139,8 @@ def library() -> ctypes.CDLL | None:
         lib.ss_layer.restype = ci
         lib.ss_linear.argtypes = [vp, vp, vp, vp, ci, ci, ci]
         lib.ss_linear.restype = None
+        lib.ss_linear_f32.argtypes = [vp, vp, vp, vp, ci, ci, ci]
+        lib.ss_linear_f32.restype = None
         _lib = lib
         return lib
 
@@ -161,6 +163,32 @@ def linear(lib: ctypes.CDLL, packed: torch.Tensor, bias: torch.Tensor | None, x:
     y = torch.empty(m, n, dtype=torch.bfloat16)
     lib.ss_linear(packed.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(), y.data_ptr(), m, k, n)
     return y
+
+
+class NativeLMHead:
+    """The LM head on the AMX kernel: fp32 logits holding the bf16-rounded values, as
+    `lm_head(x).float()` gives them, written once (no bf16 intermediate to widen)."""
+
+    def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL) -> None:  # [vocab, hidden] bf16
+        self.lib = lib
+        self.packed = vnni_pack(weight)
+        self.vocab, self.hidden = weight.shape
+
+    @classmethod
+    def for_model(cls, model: DecoderModel) -> NativeLMHead | None:
+        """Where the model's layers run natively and the head's shape fits the tiles."""
+        cfg = model.config
+        if model.native is None or cfg.vocab_size % 32 or cfg.final_logit_softcapping:
+            return None
+        return cls(model.lm_head.weight, model.native.lib)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:  # [M, hidden] bf16 -> [M, vocab] fp32
+        x = hidden.contiguous()
+        y = torch.empty(x.shape[0], self.vocab, dtype=torch.float32)
+        if x.shape[0]:
+            self.lib.ss_linear_f32(self.packed.data_ptr(), None, x.data_ptr(), y.data_ptr(), x.shape[0], self.hidden,
+                                   self.vocab)
+        return y
 
 
 def supports(model: DecoderModel) -> str | None:

@@ -8,7 +8,7 @@ from torch import nn
 from specserve.cache.kv_cache import KVCache
 from specserve.config import ModelConfig
 from specserve.model.layers import AttentionMetadata, DecoderLayer, RMSNorm, RotaryTable
-from specserve.model.native import NativeDecoder
+from specserve.model.native import NativeDecoder, NativeLMHead
 
 
 class DecoderModel(nn.Module):
@@ -26,6 +26,7 @@ class DecoderModel(nn.Module):
         self.local_rope = RotaryTable(cfg.local_rope, cfg.head_dim, max_len) if cfg.local_rope else None
         # native bf16 layers for CPUs with AMX (specserve.model.native), set by the loader
         self.native: NativeDecoder | None = None
+        self.native_head: NativeLMHead | None = None  # the LM head on the same kernels
 
     @property
     def dtype(self) -> torch.dtype:
@@ -77,6 +78,8 @@ class DecoderModel(nn.Module):
         return total
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
+        if self.native_head is not None and hidden.dtype == torch.bfloat16 and hidden.dim() == 2:
+            return self.native_head(hidden)
         logits = self.lm_head(hidden).float()
         cap = self.config.final_logit_softcapping
         if cap:

@@ -67,10 +67,17 @@ static inline void store_rows(const float* c, const float* bias, bf16* y, int ro
     _mm256_storeu_si256((__m256i*)(y + (size_t)r * N), (__m256i)v);
   }
 }
+// the same values (rounded to bf16) widened to fp32: logits as `linear(x).float()` gives them
+static inline void store_rows(const float* c, const float* bias, float* y, int rows, int N) {
+  const __m512 bv = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + (size_t)r * N, round16(_mm512_add_ps(_mm512_load_ps(c + r * 16), bv)));
+}
 
-// y[M, N] = x[M, K] @ W.T (+ bias), N % 32 == 0, K % 32 == 0, inside a parallel region.
-// Each output is the same sequence of tile multiply-adds over K whatever M is.
-static void linear_omp(const bf16* wp, const float* bias, const bf16* x, bf16* y, int M, int K, int N) {
+// y[M, N] = x[M, K] @ W.T (+ bias), N % 32 == 0, K % 32 == 0, inside a parallel region;
+// y is bf16, or fp32 holding the bf16-rounded values. Each output is the same sequence
+// of tile multiply-adds over K whatever M is.
+template <typename Out>
+static void linear_omp(const bf16* wp, const float* bias, const bf16* x, Out* y, int M, int K, int N) {
   const int pairs = N / 32;
   alignas(64) float cbuf[4][256];
   int cur_a = -1, cur_b = -1;
@@ -111,7 +118,7 @@ static void linear_omp(const bf16* wp, const float* bias, const bf16* x, bf16* y
       _tile_stored(0, cbuf[0], 64);
       _tile_stored(1, cbuf[1], 64);
       const int n0 = 32 * g;
-      bf16* y0 = y + (size_t)m0 * N + n0;
+      Out* y0 = y + (size_t)m0 * N + n0;
       store_rows(cbuf[0], bias ? bias + n0 : nullptr, y0, ra, N);
       store_rows(cbuf[1], bias ? bias + n0 + 16 : nullptr, y0 + 16, ra, N);
       if (rb) {
@@ -132,6 +139,11 @@ extern "C" int ss_init(void) {
 }
 
 extern "C" void ss_linear(const bf16* wp, const float* bias, const bf16* x, bf16* y, int M, int K, int N) {
+#pragma omp parallel
+  linear_omp(wp, bias, x, y, M, K, N);
+}
+
+extern "C" void ss_linear_f32(const bf16* wp, const float* bias, const bf16* x, float* y, int M, int K, int N) {
 #pragma omp parallel
   linear_omp(wp, bias, x, y, M, K, N);
 }
