@@ -167,7 +167,7 @@ def format_report(llm, records, paths, skipped, contexts, seqs, tokens, repetiti
     both = len(paths) == 2
     for context in contexts:
         lines += ["", f"### {context} cached tokens per sequence (ms per forward"
-                  + (", pytorch / native" if both else "") + ")", ""]
+                  + (": native / pytorch, and pytorch over native" if both else "") + ")", ""]
         lines.append("| sequences | " + " | ".join(f"{n} token{'s' if n > 1 else ''}" for n in tokens) + " |")
         lines.append("|---:|" + "---:|" * len(tokens))
         for s in seqs:
@@ -180,5 +180,5 @@ def format_report(llm, records, paths, skipped, contexts, seqs, tokens, repetiti
                 cells.append(cell)
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
     if both:
-        lines += ["", "Cells: native / pytorch (ratio pytorch / native: how many times faster the native layers are)."]
+        lines += ["", "Cells: native ms / pytorch ms (pytorch over native: how many times faster the native path is)."]
     return "\n".join(lines) + "\n"
