@@ -152,13 +152,7 @@ class LLM:
         self.max_model_len = limit
         self.model = build_model(cfg, checkpoint.tensors, self.dtype, self.device, limit)
         del checkpoint
-        # On the CPU, PyTorch attention over an fp32 cache is faster than over bf16 (and more
-        # exact); the native layers keep bf16 K/V (their rotated keys and values are bf16
-        # values, so nothing is lost) and read half the bytes.
-        if self.model.native is not None:
-            self.kv_dtype = torch.bfloat16
-        else:
-            self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.kv_dtype = native.kv_dtype(self.model)
         if kv_cache_tokens is None:
             kv_cache_tokens = max(limit, min(max_num_seqs * limit, 32768))
         if not isinstance(kv_cache_tokens, int) or kv_cache_tokens < limit:

@@ -84,3 +84,18 @@ def test_acceptance_history_moves_the_plan_and_idle_sequences_are_probed():
     assert [p[1] for p in plans] == [0, 0, 1]  # the third idle step probes with one draft
     policy.release("bad")
     assert policy.acceptance("bad") == policy.prior_acceptance
+
+
+def test_longer_contexts_make_drafts_dearer():
+    seqs, tokens = (1, 2, 4, 8, 16), (1, 2, 3, 5, 9)
+    table = tuple(tuple(0.015 + 0.0003 * s * (t - 1) for t in tokens) for s in seqs)
+    cost = ForwardCost(seqs, tokens, table, context=128, per_row_key=3e-7)
+    assert cost(16, 32, 1128) == pytest.approx(cost(16, 32) + 3e-7 * 32 * 1000)
+    assert cost(16, 32, None) == cost(16, 32)
+    assert cost(1, 1, 0) >= 0.5 * cost(1, 1)  # a short context never makes a forward free
+    policy = AdaptiveSpecPolicy(8, cost)
+    ids = [f"r{i}" for i in range(16)]
+    short, long = sum(policy.budgets(ids, 16, 128)), sum(policy.budgets(ids, 16, 3000))
+    assert long < short
+    with pytest.raises(ValueError, match=">= 0"):
+        ForwardCost((1,), (1,), ((0.1,),), per_row_key=-1e-7)

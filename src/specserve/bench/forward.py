@@ -134,12 +134,8 @@ def run_forward_bench(
                 target.native, target.native_head, target.lm_head = (
                     (layers, head, lm_head) if path == "native" else (None, None, torch_head)
                 )
-                if path == "native":
-                    kv_dtype = torch.bfloat16
-                else:
-                    kv_dtype = torch.float32 if target.device.type == "cpu" else target.dtype
                 for context in contexts:
-                    batch = ScratchBatch(target, kv_dtype, context, max(seqs), max(tokens))
+                    batch = ScratchBatch(target, native.kv_dtype(target), context, max(seqs), max(tokens))
                     for s in seqs:
                         for n in tokens:
                             times = sorted(batch.time(s, n, repetitions))

@@ -342,7 +342,8 @@ class Engine:
             return [0] * len(decoding)
         prefill = sum(s.num_tokens - s.num_cached for s in self.running if s.status is Status.PREFILL)
         other = len(decoding) + min(prefill, self.max_num_batched_tokens)
-        plan = self.policy.budgets([s.request_id for s in decoding], other)
+        context = sum(s.num_cached for s in decoding) / len(decoding)
+        plan = self.policy.budgets([s.request_id for s in decoding], other, context)
         token_room = self.max_num_batched_tokens - len(decoding)
         budgets = []
         for seq, k in zip(decoding, plan):

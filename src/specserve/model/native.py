@@ -165,6 +165,16 @@ def linear(lib: ctypes.CDLL, packed: torch.Tensor, bias: torch.Tensor | None, x:
     return y
 
 
+def kv_dtype(model: DecoderModel) -> torch.dtype:
+    """The K/V pool dtype for `model`: bf16 for the native layers (their rotated keys and
+    values are bf16 values, so nothing is lost, and attention reads half the bytes); on
+    the PyTorch path fp32 on the CPU (its attention over fp32 is faster than over bf16,
+    and more exact), the model's dtype elsewhere."""
+    if model.native is not None:
+        return torch.bfloat16
+    return torch.float32 if model.device.type == "cpu" else model.dtype
+
+
 class NativeLMHead:
     """The LM head on the AMX kernel: fp32 logits holding the bf16-rounded values, as
     `lm_head(x).float()` gives them, written once (no bf16 intermediate to widen)."""

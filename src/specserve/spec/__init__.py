@@ -82,42 +82,55 @@ def make_drafter(
 
 @torch.inference_mode()
 def measure_forward_cost(
-    runner: ModelRunner, max_seqs: int, max_tokens: int, context: int = 128, reps: int = 2
+    runner: ModelRunner, max_seqs: int, max_tokens: int, context: int = 128, reps: int = 2, far_context: int = 1024
 ) -> ForwardCost:
     """Target forward time by batch shape (best of `reps` after a warm-up), for up to
     `max_seqs` sequences of up to `max_tokens` tokens each, every row's logits kept.
 
     Measured on a scratch cache whose sequences hold `context` zeroed tokens each, at
     sequence counts 1, 2, 4, ... and token counts 1, 2, 3, 5, 9, ... (1 + a power of 2).
+    The largest token count of (up to) 4 sequences is measured again over `far_context`
+    cached tokens: the difference per row and per key is the table's `per_row_key`
+    (attention grows with the context).
     """
     model = runner.model
     cfg = model.config
     max_tokens = max(1, min(max_tokens, model.max_len - 2))  # a small context limit caps the probe
     context = max(1, min(context, model.max_len - max_tokens - 1))
+    far_context = max(context, min(far_context, model.max_len - max_tokens - 1))
     seqs = sorted({1 << i for i in range(max_seqs.bit_length()) if 1 << i <= min(max_seqs, 32)})
     tokens = sorted({1} | {1 + (1 << i) for i in range(max_tokens.bit_length()) if 1 + (1 << i) <= max_tokens} | {max_tokens})
     kv = runner.cache.k[0]
-    length = context + max_tokens
-    scratch = KVCache(cfg.num_layers, seqs[-1], length, cfg.num_kv_heads, cfg.head_dim, kv.dtype, kv.device)
-    for t in (*scratch.k, *scratch.v):
-        t.zero_()
-    probe = ModelRunner(model, scratch)
-    slots = [scratch.allocate() for _ in range(seqs[-1])]
-    for slot in slots:
-        scratch.ensure(slot, length)
-        scratch.commit(slot, context)
-    table = []
-    for s in seqs:
-        row = []
-        for n in tokens:
-            items = [ForwardItem(slot, context, [1] * n, logits_from=0) for slot in slots[:s]]
-            times = []
-            for _ in range(reps + 1):
-                t0 = time.perf_counter()
-                probe.forward(items)
-                if kv.device.type == "cuda":
-                    torch.cuda.synchronize(kv.device)
-                times.append(time.perf_counter() - t0)
-            row.append(min(times[1:]))
-        table.append(tuple(row))
-    return ForwardCost(tuple(seqs), tuple(tokens), tuple(table))
+
+    def scratch_batch(num: int, start: int) -> tuple[ModelRunner, list[int]]:
+        scratch = KVCache(cfg.num_layers, num, start + max_tokens, cfg.num_kv_heads, cfg.head_dim, kv.dtype, kv.device)
+        for t in (*scratch.k, *scratch.v):
+            t.zero_()
+        slots = [scratch.allocate() for _ in range(num)]
+        for slot in slots:
+            scratch.ensure(slot, start + max_tokens)
+            scratch.commit(slot, start)
+        return ModelRunner(model, scratch), slots
+
+    def best(batch: tuple[ModelRunner, list[int]], s: int, n: int, start: int) -> float:
+        probe, slots = batch
+        items = [ForwardItem(slot, start, [1] * n, logits_from=0) for slot in slots[:s]]
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            probe.forward(items)
+            if kv.device.type == "cuda":
+                torch.cuda.synchronize(kv.device)
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    near = scratch_batch(seqs[-1], context)
+    table = [tuple(best(near, s, n, context) for n in tokens) for s in seqs]
+    del near
+    per_row_key = 0.0
+    if far_context > context:
+        i = max(i for i, s in enumerate(seqs) if s <= 4)
+        far = best(scratch_batch(seqs[i], far_context), seqs[i], tokens[-1], far_context)
+        rows = seqs[i] * tokens[-1]
+        per_row_key = max(0.0, (far - table[i][-1]) / (rows * (far_context - context)))
+    return ForwardCost(tuple(seqs), tuple(tokens), tuple(table), context, per_row_key)

@@ -13,6 +13,7 @@ import torch
 
 from specserve.cache.kv_cache import KVCache
 from specserve.engine.runner import ForwardItem, ModelRunner
+from specserve.model import native
 from specserve.model.loader import build_model, read_checkpoint
 from specserve.spec.autoregressive import draft_chains
 from specserve.spec.base import DraftProposal, SequenceView
@@ -52,8 +53,9 @@ class DraftModelDrafter:
         cfg = checkpoint.config
         self.path = path
         self.model = build_model(cfg, checkpoint.tensors, dtype, device, max_len)
-        kv_dtype = torch.float32 if torch.device(device).type == "cpu" else dtype
-        cache = KVCache(cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device)
+        cache = KVCache(
+            cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim, native.kv_dtype(self.model), device
+        )
         self.runner = ModelRunner(self.model, cache)
         self.cache = cache
         self._slots: dict[str, int] = {}

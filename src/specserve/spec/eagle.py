@@ -32,7 +32,15 @@ from torch import nn
 from specserve.config import ModelConfig
 from specserve.model.layers import AttentionMetadata, DecoderLayer, RMSNorm
 from specserve.spec.base import DraftProposal, SequenceView
-from specserve.spec.heads import PACKAGED_HEADS, bind_lm_rows, finish_load, read_head_dir, save_head_dir
+from specserve.spec.heads import (
+    PACKAGED_HEADS,
+    bind_lm_rows,
+    draft_logits,
+    finish_load,
+    native_rows,
+    read_head_dir,
+    save_head_dir,
+)
 
 DEFAULT_EAGLE = PACKAGED_HEADS / "smollm2-135m-instruct-eagle"
 
@@ -56,12 +64,14 @@ class EagleHead(nn.Module):
         self.register_buffer("draft_ids", torch.arange(draft_vocab_size, dtype=torch.long))
         self._target: Any = None
         self._draft_weight: torch.Tensor | None = None
+        self._draft_native: Any = None  # the rows on the native LM-head kernel, where the target has it
         self.native: Any = None  # specserve.model.native.NativeDecoder over `layer`, set at load
 
     def bind(self, target: Any) -> EagleHead:
         """Borrow the target's embeddings, rotary table and LM head rows of the draft vocabulary."""
         object.__setattr__(self, "_target", target)  # not a submodule: never saved, never trained
         self._draft_weight = bind_lm_rows(target, self.draft_ids)
+        self._draft_native = native_rows(target, self._draft_weight)
         return self
 
     def forward(
@@ -84,7 +94,7 @@ class EagleHead(nn.Module):
         return self.norm(self.layer(x, cos, sin, meta, k_pool, v_pool))
 
     def logits(self, feats: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, draft vocab] fp32
-        return (feats.to(self._draft_weight.dtype) @ self._draft_weight.T).float()
+        return draft_logits(feats, self._draft_weight, self._draft_native)
 
     def config_entries(self) -> dict[str, Any]:
         return {}  # the target's shapes are all it needs

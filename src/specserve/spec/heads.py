@@ -43,6 +43,24 @@ def bind_lm_rows(target: Any, draft_ids: torch.Tensor) -> torch.Tensor:
     return weight.detach().index_select(0, draft_ids.to(weight.device))
 
 
+def native_rows(target: Any, rows: torch.Tensor) -> Any:
+    """Those rows on the target's native LM-head kernel (`NativeLMHead`), or None where the
+    target has none (PyTorch path, fp32, training)."""
+    head = getattr(target, "native_head", None)
+    if head is None or rows.dtype != torch.bfloat16 or rows.shape[0] % 32:
+        return None
+    from specserve.model.native import NativeLMHead
+
+    return NativeLMHead(rows, head.lib)
+
+
+def draft_logits(x: torch.Tensor, rows: torch.Tensor, native: Any) -> torch.Tensor:
+    """`[..., hidden] -> [..., draft vocab]` fp32 logits over the draft vocabulary rows."""
+    if native is not None and x.dtype == torch.bfloat16:
+        return native(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], rows.shape[0])
+    return (x.to(rows.dtype) @ rows.T).float()
+
+
 def save_head_dir(head: nn.Module, out_dir: str | os.PathLike[str], meta: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 

@@ -28,7 +28,15 @@ from torch import nn
 
 from specserve.config import ModelConfig
 from specserve.spec.base import DraftProposal, SequenceView
-from specserve.spec.heads import PACKAGED_HEADS, bind_lm_rows, finish_load, read_head_dir, save_head_dir
+from specserve.spec.heads import (
+    PACKAGED_HEADS,
+    bind_lm_rows,
+    draft_logits,
+    finish_load,
+    native_rows,
+    read_head_dir,
+    save_head_dir,
+)
 
 DEFAULT_MEDUSA = PACKAGED_HEADS / "smollm2-135m-instruct-medusa"
 
@@ -50,10 +58,12 @@ class MedusaHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_layers, num_heads, 1, hidden))
         self.register_buffer("draft_ids", torch.arange(draft_vocab_size, dtype=torch.long))
         self._draft_weight: torch.Tensor | None = None
+        self._draft_native: Any = None  # the rows on the native LM-head kernel, where the target has it
 
     def bind(self, target: Any) -> MedusaHead:
         """Borrow the target's LM head rows of the draft vocabulary."""
         self._draft_weight = bind_lm_rows(target, self.draft_ids)
+        self._draft_native = native_rows(target, self._draft_weight)
         return self
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [K, N, hidden]
@@ -63,7 +73,7 @@ class MedusaHead(nn.Module):
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., draft vocab] fp32
-        return (x.to(self._draft_weight.dtype) @ self._draft_weight.T).float()
+        return draft_logits(x, self._draft_weight, self._draft_native)
 
     def config_entries(self) -> dict[str, Any]:
         return {"num_medusa_heads": self.num_heads, "num_layers": self.num_layers}

@@ -10,9 +10,11 @@ accepted with probability `a_i^j`. The step's cost is modelled as
 with `f(S, n)` the target forward time of S sequences holding n tokens in all, every
 row's logits kept as verification needs them (a table measured at start-up over batch
 shapes: the cost of a draft token depends on the batch, since each sequence's query
-rows attend over its own context), N the tokens the step runs anyway (one per decoding
-sequence plus prefill chunks), `s` a correction learned from measured step times
-(longer contexts, scheduling, verification) and `t_draft` the drafting time per token.
+rows attend over its own context), plus, for the batch's mean context c, the measured
+attention cost of every row per cached key times (c - the table's context): a drafted
+row over 1,000 cached tokens costs more than over 100. N is the tokens the step runs
+anyway (one per decoding sequence plus prefill chunks), `s` a correction learned from
+measured step times (scheduling, verification) and `t_draft` the drafting time per token.
 The plan adds draft tokens in order of acceptance
 probability and keeps the count K that maximises goodput
 
@@ -31,7 +33,7 @@ from typing import Protocol
 
 
 class SpecPolicy(Protocol):
-    def budgets(self, request_ids: list[str], other_tokens: int) -> list[int]: ...
+    def budgets(self, request_ids: list[str], other_tokens: int, context: float | None = None) -> list[int]: ...
 
     def update(self, request_id: str, drafted: int, accepted: int) -> None: ...
 
@@ -48,7 +50,7 @@ class FixedSpecPolicy:
 
     k: int
 
-    def budgets(self, request_ids: list[str], other_tokens: int) -> list[int]:
+    def budgets(self, request_ids: list[str], other_tokens: int, context: float | None = None) -> list[int]:
         return [self.k] * len(request_ids)
 
     def update(self, request_id: str, drafted: int, accepted: int) -> None:
@@ -76,6 +78,8 @@ class ForwardCost:
     seqs: tuple[int, ...]
     tokens: tuple[int, ...]
     seconds: tuple[tuple[float, ...], ...]
+    context: int = 0  # cached tokens per sequence the table was measured at
+    per_row_key: float = 0.0  # seconds per forward row per cached key past (or short of) `context`
 
     def __post_init__(self) -> None:
         if not self.seqs or not self.tokens or self.seqs[0] != 1 or self.tokens[0] != 1:
@@ -84,6 +88,8 @@ class ForwardCost:
             raise ValueError("forward cost grids must be strictly ascending")
         if len(self.seconds) != len(self.seqs) or any(len(row) != len(self.tokens) for row in self.seconds):
             raise ValueError("forward cost table shape does not match its grids")
+        if self.context < 0 or self.per_row_key < 0:
+            raise ValueError("a forward cost table's context and per-row-key cost must be >= 0")
 
     @classmethod
     def flat(cls, seconds: float) -> ForwardCost:
@@ -98,16 +104,21 @@ class ForwardCost:
         w = (per_seq - grid[j - 1]) / (grid[j] - grid[j - 1])
         return max(row[j - 1] + w * (row[j] - row[j - 1]), row[0])
 
-    def __call__(self, num_seqs: int, num_tokens: int) -> float:
-        """Forward time of `num_seqs` sequences with `num_tokens` tokens in all."""
+    def __call__(self, num_seqs: int, num_tokens: int, context: float | None = None) -> float:
+        """Forward time of `num_seqs` sequences with `num_tokens` tokens in all (and a
+        mean of `context` cached tokens per sequence, where known)."""
         num_seqs = max(num_seqs, 1)
         per_seq = max(num_tokens / num_seqs, 1.0)
         grid = self.seqs
         if num_seqs >= grid[-1]:
-            return self._row(len(grid) - 1, per_seq) * num_seqs / grid[-1]
-        i = next(i for i in range(1, len(grid)) if grid[i] >= num_seqs)
-        w = (num_seqs - grid[i - 1]) / (grid[i] - grid[i - 1])
-        return (1 - w) * self._row(i - 1, per_seq) + w * self._row(i, per_seq)
+            base = self._row(len(grid) - 1, per_seq) * num_seqs / grid[-1]
+        else:
+            i = next(i for i in range(1, len(grid)) if grid[i] >= num_seqs)
+            w = (num_seqs - grid[i - 1]) / (grid[i] - grid[i - 1])
+            base = (1 - w) * self._row(i - 1, per_seq) + w * self._row(i, per_seq)
+        if context is None or not self.per_row_key:
+            return base
+        return max(base + self.per_row_key * max(num_tokens, num_seqs) * (context - self.context), 0.5 * base)
 
 
 @dataclass
@@ -138,6 +149,7 @@ class AdaptiveSpecPolicy:
     _step_samples: int = 0
     _step_draft_time: float = 0.0
     _idle: dict[str, int] = field(default_factory=dict)  # steps without drafting, per request
+    _context: float | None = None  # mean cached tokens per sequence of the step being planned
 
     def __post_init__(self) -> None:
         if self.max_k < 0:
@@ -152,7 +164,7 @@ class AdaptiveSpecPolicy:
         return st.accepted / max(st.accepted + st.rejected, 1e-9)
 
     def _step_cost(self, base_tokens: int, num_seqs: int, drafts: int) -> float:
-        return self.scale * self.verify_cost(num_seqs, base_tokens + drafts) + drafts * self.draft_cost
+        return self.scale * self.verify_cost(num_seqs, base_tokens + drafts, self._context) + drafts * self.draft_cost
 
     def plan(self, acceptances: list[float], base_tokens: int) -> list[int]:
         """Draft lengths maximising expected tokens per second for one step."""
@@ -177,7 +189,10 @@ class AdaptiveSpecPolicy:
         """The draft length for a sequence decoded alone with acceptance `a`."""
         return self.plan([a], 1)[0]
 
-    def budgets(self, request_ids: list[str], other_tokens: int) -> list[int]:
+    def budgets(self, request_ids: list[str], other_tokens: int, context: float | None = None) -> list[int]:
+        """Draft lengths for this step's decoding sequences, with `other_tokens` the tokens
+        the step runs anyway and `context` their mean cached tokens (None: unknown)."""
+        self._context = context
         ks = self.plan([self.acceptance(r) for r in request_ids], max(other_tokens, len(request_ids)))
         for idx, (rid, k) in enumerate(zip(request_ids, ks)):
             if k == 0:
@@ -210,7 +225,8 @@ class AdaptiveSpecPolicy:
         drafting, self._step_draft_time = self._step_draft_time, 0.0
         if num_seqs <= 0:
             return
-        ratio = min(max((seconds - drafting) / self.verify_cost(num_seqs, num_tokens), 0.25), 4.0)
+        predicted = self.verify_cost(num_seqs, num_tokens, self._context)
+        ratio = min(max((seconds - drafting) / predicted, 0.25), 4.0)
         self.scale = ratio if self._step_samples == 0 else 0.9 * self.scale + 0.1 * ratio
         self._step_samples += 1
 

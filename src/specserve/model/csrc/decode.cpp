@@ -383,7 +383,7 @@ static void attend_block(const SeqView& sv, const float* qf, bf16* ao, int t0, i
     }
     _tile_stored(4, w.ct, 64);
     __m512 r[16];
-    for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(w.ct + i * 16);
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(w.ct + i * 16);
     transpose16(r);
     for (int m = 0; m < nl; m++) _mm512_storeu_ps(s + (size_t)m * kpad + j0, r[m]);
   }
