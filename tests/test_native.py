@@ -161,6 +161,18 @@ def test_native_row_invariance(tmp_path, monkeypatch):
         cache.truncate(a, 40)
         assert torch.equal(run(model, cache, [(a, 40, ids[40:], None)]), alone)
 
+    # blocks of 4 in a scrambled order: 16 keys over pool entries 0-3, 8-11, 4-7, 12-15
+    # (first and last look consecutive) must still be read key by key
+    cfg = model.config
+    small = KVCache(cfg.num_layers, 1, 64, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16, "cpu", block_size=4)
+    c = small.allocate()
+    small.ensure(c, 48)
+    table = small.tables[c]
+    small.tables[c] = [table[4 * (i // 4) + (0, 2, 1, 3)[i % 4]] for i in range(len(table))]
+    run(model, small, [(c, 0, ids[:40], None)])
+    small.commit(c, 40)
+    assert torch.equal(run(model, small, [(c, 40, ids[40:], None)]), alone)
+
 
 @needs_native
 def test_native_linear_is_exact_per_row():

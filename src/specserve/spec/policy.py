@@ -223,9 +223,10 @@ class AdaptiveSpecPolicy:
     def observe_step(self, num_seqs: int, num_tokens: int, seconds: float) -> None:
         """Learn the ratio of measured to tabled step time from a measured step."""
         drafting, self._step_draft_time = self._step_draft_time, 0.0
+        context, self._context = self._context, None  # the planned step's; a step without a plan has none
         if num_seqs <= 0:
             return
-        predicted = self.verify_cost(num_seqs, num_tokens, self._context)
+        predicted = self.verify_cost(num_seqs, num_tokens, context)
         ratio = min(max((seconds - drafting) / predicted, 0.25), 4.0)
         self.scale = ratio if self._step_samples == 0 else 0.9 * self.scale + 0.1 * ratio
         self._step_samples += 1

@@ -294,16 +294,18 @@ struct SeqView {
   inline int64_t at(int j) const { return kidx ? kidx[j] : base + j; }
 };
 
-// V rows keys[0..31] (pool indices, -1 = a zero row) as D/16 VNNI B tiles [16][16][2]
-static void pack_v(const SeqView& sv, const int64_t* keys, int D, bf16* vb) {
+// V rows keys[0..31] (pool indices, -1 = a zero row), dims d0..d0 + 16 nd, as nd VNNI B
+// tiles [16][16][2] (tile i at vb + 512 i)
+static void pack_v(const SeqView& sv, const int64_t* keys, int D, int d0, int nd, bf16* vb) {
   const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int kp = 0; kp < 16; kp++) {
     const bf16* v0 = keys[2 * kp] >= 0 ? sv.vh + keys[2 * kp] * D : nullptr;
     const bf16* v1 = keys[2 * kp + 1] >= 0 ? sv.vh + keys[2 * kp + 1] * D : nullptr;
-    for (int dt = 0; dt < D / 16; dt++) {
-      const __m256i a = v0 ? _mm256_loadu_si256((const __m256i*)(v0 + dt * 16)) : _mm256_setzero_si256();
-      const __m256i b = v1 ? _mm256_loadu_si256((const __m256i*)(v1 + dt * 16)) : _mm256_setzero_si256();
+    for (int dt = 0; dt < nd; dt++) {
+      const int d = d0 + dt * 16;
+      const __m256i a = v0 ? _mm256_loadu_si256((const __m256i*)(v0 + d)) : _mm256_setzero_si256();
+      const __m256i b = v1 ? _mm256_loadu_si256((const __m256i*)(v1 + d)) : _mm256_setzero_si256();
       const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);  // a0..a15, b0..b15
       _mm512_storeu_si512(vb + (size_t)dt * 512 + kp * 32, _mm512_permutexvar_epi16(inter, ab));
     }
@@ -321,9 +323,9 @@ static void pv_steps(const SeqView& sv, const bf16* phi, const bf16* plo, int ps
       _tile_dpbf16ps(4, 5, 7);
       _tile_dpbf16ps(4, 6, 7);
     }
-    pack_v(sv, keys + st * 32, D, vb);
+    pack_v(sv, keys + st * 32, D, d0, nd, vb);
     for (int i = 0; i < nd; i++) {
-      _tile_loadd(7, vb + (size_t)(d0 / 16 + i) * 512, 64);
+      _tile_loadd(7, vb + (size_t)i * 512, 64);
       switch (i) {  // tile numbers must be immediates
         case 0: _tile_dpbf16ps(0, 5, 7); _tile_dpbf16ps(0, 6, 7); break;
         case 1: _tile_dpbf16ps(1, 5, 7); _tile_dpbf16ps(1, 6, 7); break;
@@ -366,7 +368,9 @@ static void attend_block(const SeqView& sv, const float* qf, bf16* ao, int t0, i
       for (int i = 0; i < last; i++)
         for (int d = 0; d < D; d += 32) _mm_prefetch((const char*)(sv.kh + sv.at(j0 + 16 + i) * D + d), _MM_HINT_T0);
     }
-    if (n == 16 && sv.at(j0 + 15) - sv.at(j0) == 15) {
+    bool consecutive = n == 16;  // a block of the paged cache (16 tokens) is; check, blocks may be smaller
+    for (int i = 1; consecutive && sv.kidx && i < 16; i++) consecutive = sv.kidx[j0 + i] == sv.kidx[j0] + i;
+    if (consecutive) {
       kt = sv.kh + sv.at(j0) * D;  // 16 consecutive pool rows: the tile reads them in place
     } else {
       for (int i = 0; i < 16; i++) {
