@@ -30,6 +30,7 @@ from specserve.cache import KVCache
 from specserve.engine.runner import ForwardItem, ModelRunner
 from specserve.model import native
 from specserve.model.cpu_kernels import PackedLinear, packing_available
+from specserve.spec import timed_forwards
 
 PATHS = ("native", "pytorch")
 
@@ -79,25 +80,16 @@ class ScratchBatch:
             self.runner.forward([ForwardItem(slot, 0, prefix, logits_from=None)])
             cache.commit(slot, context)
 
-    @torch.inference_mode()
     def time(self, seqs: int, tokens: int, repetitions: int) -> list[float]:
         """Seconds of `repetitions` forwards (after one untimed) of the first `seqs`
-        sequences with `tokens` new tokens each, all rows' logits kept (nothing is
-        committed, so every forward writes the same cache entries)."""
+        sequences with `tokens` new tokens each, all rows' logits kept."""
         vocab = self.model.config.vocab_size
         items = [
             ForwardItem(slot, self.context, torch.randint(0, vocab, (tokens,), generator=self.gen).tolist(),
                         logits_from=0)
             for slot in self.slots[:seqs]
         ]
-        times = []
-        for _ in range(repetitions + 1):
-            t0 = time.perf_counter()
-            self.runner.forward(items)
-            if self.model.device.type == "cuda":
-                torch.cuda.synchronize(self.model.device)
-            times.append(time.perf_counter() - t0)
-        return times[1:]
+        return timed_forwards(self.runner, items, repetitions)
 
 
 def run_forward_bench(

@@ -24,6 +24,7 @@ __all__ = [
     "SpecPolicy",
     "make_drafter",
     "measure_forward_cost",
+    "timed_forwards",
 ]
 
 
@@ -81,6 +82,21 @@ def make_drafter(
 
 
 @torch.inference_mode()
+def timed_forwards(runner: ModelRunner, items: list[ForwardItem], reps: int) -> list[float]:
+    """Seconds of `reps` forwards of `items` after one untimed (nothing is committed, so
+    every forward writes the same cache entries)."""
+    device = runner.device
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        runner.forward(items)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+@torch.inference_mode()
 def measure_forward_cost(
     runner: ModelRunner, max_seqs: int, max_tokens: int, context: int = 128, reps: int = 2, far_context: int = 1024
 ) -> ForwardCost:
@@ -114,15 +130,7 @@ def measure_forward_cost(
 
     def best(batch: tuple[ModelRunner, list[int]], s: int, n: int, start: int) -> float:
         probe, slots = batch
-        items = [ForwardItem(slot, start, [1] * n, logits_from=0) for slot in slots[:s]]
-        times = []
-        for _ in range(reps + 1):
-            t0 = time.perf_counter()
-            probe.forward(items)
-            if kv.device.type == "cuda":
-                torch.cuda.synchronize(kv.device)
-            times.append(time.perf_counter() - t0)
-        return min(times[1:])
+        return min(timed_forwards(probe, [ForwardItem(slot, start, [1] * n, logits_from=0) for slot in slots[:s]], reps))
 
     near = scratch_batch(seqs[-1], context)
     table = [tuple(best(near, s, n, context) for n in tokens) for s in seqs]
