@@ -18,6 +18,8 @@ openai = pytest.importorskip("openai")
 
 MODEL = "test-model"
 API_KEY = "test-key-123"
+# SPECSERVE_SERVER_TEST_DEVICE=cuda runs the same server tests on a GPU (the device check does)
+DEVICE = os.environ.get("SPECSERVE_SERVER_TEST_DEVICE", "cpu")
 
 
 def free_port() -> int:
@@ -46,7 +48,7 @@ class Server:
             "--dtype",
             "float32",
             "--device",
-            "cpu",
+            DEVICE,
             "--log-level",
             "warning",
             *args,

@@ -67,9 +67,10 @@ def exact_distribution(llm: LLM, params: SamplingParams) -> dict[tuple[int, ...]
     for _ in range(NEW):
         nxt: dict[tuple[int, ...], float] = {}
         for prefix, p in probs.items():
-            cache = KVCache(cfg.num_layers, 1, 64, cfg.num_kv_heads, cfg.head_dim, llm.dtype, "cpu")
+            cache = KVCache(cfg.num_layers, 1, 64, cfg.num_kv_heads, cfg.head_dim, llm.dtype, llm.device)
             runner = ModelRunner(llm.model, cache)
             logits, _ = runner.forward([ForwardItem(cache.allocate(), 0, PROMPT + list(prefix))])
+            logits = logits.float().cpu()
             row = logits_to_probs(
                 logits, torch.tensor([params.temperature]), torch.tensor([params.top_k]),
                 torch.tensor([params.top_p]), torch.tensor([params.min_p]),

@@ -414,17 +414,21 @@ class Engine:
             if tree is not None:
                 emitted[i], paths[i] = self._verify_tree(seqs[i], drafts[i], tree, probs[starts[i] : starts[i + 1]])
                 rows_of[i] = [starts[i]] + [starts[i] + 1 + j for j in paths[i]]
-        for seq, tokens, rows in zip(seqs, emitted, rows_of):
-            if seq.params.logprobs is not None:
-                lp = compute_logprobs(penalised[torch.tensor(rows)], torch.tensor(tokens), seq.params.logprobs)
-                seq.pending_logprobs = [
-                    TokenLogprob(
-                        tok,
-                        float(lp.token_logprobs[j]),
-                        list(zip(lp.top_token_ids[j].tolist(), lp.top_logprobs[j].tolist())),
-                    )
-                    for j, tok in enumerate(tokens)
-                ]
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if want:  # one call for every sequence that asked, one copy to the host
+            dev = penalised.device
+            rows = torch.tensor([r for i in want for r in rows_of[i]], dtype=torch.long, device=dev)
+            chosen = torch.tensor([t for i in want for t in emitted[i]], dtype=torch.long, device=dev)
+            lp = compute_logprobs(penalised[rows], chosen, max(seqs[i].params.logprobs for i in want))
+            token_lp, top_ids, top_lp = lp.token_logprobs.tolist(), lp.top_token_ids.tolist(), lp.top_logprobs.tolist()
+            j = 0
+            for i in want:
+                kk = seqs[i].params.logprobs
+                seqs[i].pending_logprobs = []
+                for tok in emitted[i]:
+                    top = list(zip(top_ids[j][:kk], top_lp[j][:kk]))
+                    seqs[i].pending_logprobs.append(TokenLogprob(tok, token_lp[j], top))
+                    j += 1
         return emitted, paths
 
     def _verify_tree(
