@@ -155,6 +155,27 @@ def test_packaged_head_seeded_sampling_equals_plain(llm_fp32):
         assert s.output_ids == p.token_ids
 
 
+def test_target_features_of_a_batch_are_those_of_each_sample_alone(llm_bf16):
+    """The training data's features come from forwards over several samples at once; each
+    sample's rows are exactly those of a forward over it alone (the row-invariant native
+    layers; close on the PyTorch path)."""
+    from specserve.equivalence import bit_exact
+    from specserve.spec.train import target_features
+
+    model = llm_bf16.engine.runner.model
+    samples = [llm_bf16.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS[:3]]
+    samples[1] = samples[1] + samples[0][5:40]  # different lengths
+    together = target_features(model, samples)
+    in_pairs = target_features(model, samples, max_tokens=len(samples[0]) + len(samples[1]))
+    alone = [target_features(model, [s])[0] for s in samples]
+    for t, p, a, s in zip(together, in_pairs, alone, samples):
+        assert t.shape == (len(s), model.config.hidden_size) and t.dtype == torch.bfloat16
+        if bit_exact(llm_bf16):
+            assert torch.equal(t, a) and torch.equal(p, a)
+        else:
+            torch.testing.assert_close(t.float(), a.float(), atol=0.1, rtol=0.05)
+
+
 def test_train_drafter_end_to_end(llm_fp32, tmp_path):
     """A tiny run of the training pipeline: data, a checkpoint, a head that loads and is lossless;
     a second run resumes from the cached data and checkpoint."""
