@@ -17,6 +17,7 @@ TIMEOUT = 900  # the shared 2-core machines can be very slow under load
 
 def test_parse_methods_and_levels():
     assert parse_methods("ngram,suffix+load-aware") == ["off", "ngram", "suffix+load-aware"]
+    assert parse_methods("suffix,off,ngram,suffix") == ["off", "suffix", "ngram"]
     assert parse_levels("1, 4,16") == [1, 4, 16]
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         parse_methods("nope")
@@ -46,7 +47,8 @@ def test_tiny_run_writes_report_and_raw_records(tmp_path, questions_file):
     proc = subprocess.run(
         [
             sys.executable, "-m", "specserve.cli", "bench", "throughput", "--methods", "off,ngram+load-aware",
-            "--concurrency", "1,2", "--requests", "4", "--max-tokens", "6", "--out", str(tmp_path),
+            "--concurrency", "1,2", "--requests", "4", "--max-tokens", "6", "--repetitions", "2",
+            "--out", str(tmp_path),
         ],
         capture_output=True, text=True, timeout=TIMEOUT, check=False,
     )
@@ -58,4 +60,7 @@ def test_tiny_run_writes_report_and_raw_records(tmp_path, questions_file):
     assert {(r["method"], r["concurrency"]) for r in records} == {
         (m, c) for m in ("off", "ngram+load-aware") for c in (1, 2)
     }
-    assert len(records) == 16 and all(0 < r["new_tokens"] <= 6 for r in records)
+    assert len(records) == 32 and all(0 < r["new_tokens"] <= 6 for r in records)
+    # repetitions interleave the methods: off, ngram, off, ngram at each level
+    runs = list(dict.fromkeys((r["concurrency"], r["repetition"], r["method"]) for r in records))
+    assert runs == [(c, rep, m) for c in (1, 2) for rep in (0, 1) for m in ("off", "ngram+load-aware")]

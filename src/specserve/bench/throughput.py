@@ -13,7 +13,8 @@ in one run on one loaded model:
 
 Throughput = generated tokens / wall time of the level (TTFT included). Every level of
 every method runs the same requests in the same order; each (level, method) pair runs
-`--repetitions` times and reports the median and the min. Greedy outputs are compared
+`--repetitions` times, interleaved with the other methods' runs, and reports the median
+and the min. Greedy outputs are compared
 with the `off` run at the same level, so a method that changes outputs shows up in
 the report. Peak resident memory of the process is reported at the end.
 """
@@ -111,9 +112,8 @@ def parse_methods(text: str) -> list[str]:
                 f"--methods: unknown method {m!r}; use off, a drafter ({', '.join(SPEC_METHODS)}) "
                 f"or a drafter with {LOAD_AWARE}"
             )
-    if "off" not in methods:
-        methods.insert(0, "off")
-    return methods
+    # off first (the reference outputs come from its first run), each method once
+    return ["off"] + [m for m in dict.fromkeys(methods) if m != "off"]
 
 
 def interleave_categories(prompts: Sequence[Prompt]) -> list[Prompt]:
@@ -213,23 +213,27 @@ def run_throughput_bench(
             n = max(requests_per_level or MIN_REQUESTS, 2 * level)
             level_prompts = prompts[:n]
             reference: list[list[int]] | None = None
-            for method in methods:
-                spec = None if method == "off" else method.removesuffix(LOAD_AWARE)
-                llm.set_spec(spec, num_spec_tokens=None if spec is None else num_spec_tokens, adaptive=method.endswith(LOAD_AWARE))
-                rates, tokens_total, forwards_total = [], 0, 0
-                identical = 0
-                for rep in range(repetitions):
+            runs = {m: {"rates": [], "tokens": 0, "forwards": 0, "identical": 0} for m in methods}
+            # repetitions interleave the methods (off, A, B, off, A, B, ...), so drift on a shared
+            # machine lands on all of them; each run gets a fresh drafter and policy, so none
+            # drafts from a global history holding its own earlier run's outputs
+            for rep in range(repetitions):
+                for method in methods:
+                    spec = None if method == "off" else method.removesuffix(LOAD_AWARE)
+                    llm.set_spec(spec, num_spec_tokens=None if spec is None else num_spec_tokens,
+                                 adaptive=method.endswith(LOAD_AWARE))
                     llm.reset_prefix_cache()  # every run prefills its prompts: no method rides on another's cache
                     seqs, wall = run_level(llm, level_prompts, params, level)
+                    run = runs[method]
                     new = sum(len(s.output_ids) for s in seqs)
-                    rates.append(new / wall)
-                    tokens_total += new
-                    forwards_total += sum(s.metrics.forward_passes for s in seqs)
+                    run["rates"].append(new / wall)
+                    run["tokens"] += new
+                    run["forwards"] += sum(s.metrics.forward_passes for s in seqs)
                     outs = [s.output_ids for s in seqs]
                     if method == "off" and reference is None:
                         reference = outs
                     if rep == 0 and reference is not None:
-                        identical = sum(first_divergence(r, o) is None for r, o in zip(reference, outs))
+                        run["identical"] = sum(first_divergence(r, o) is None for r, o in zip(reference, outs))
                     for p, s in zip(level_prompts, seqs):
                         m = s.metrics
                         write_record(
@@ -241,9 +245,12 @@ def run_throughput_bench(
                             ),
                         )
                     bar.update()
-                results.append(
-                    LevelResult(method, level, rates, tokens_total / max(forwards_total, 1), identical, len(level_prompts))
-                )
+            for method in methods:
+                run = runs[method]
+                results.append(LevelResult(
+                    method, level, run["rates"], run["tokens"] / max(run["forwards"], 1), run["identical"],
+                    len(level_prompts),
+                ))
         bar.close()
         llm.set_spec(None)
     report = format_report(
