@@ -1,5 +1,8 @@
 """Load-aware draft lengths: the batch-shape cost table and the plan built on it."""
 
+import random
+
+import numpy as np
 import pytest
 
 from specserve.spec.policy import AdaptiveSpecPolicy, ForwardCost
@@ -72,6 +75,61 @@ def test_step_times_teach_the_scale_and_drafting_costs_count():
     assert sum(policy.plan([0.7] * 4, 4)) < cheap
 
 
+def test_step_overhead_is_learned_apart_from_the_forward():
+    """Steps whose time outside the forward is fixed + per sequence + per draft token: the
+    policy learns the three parts and a forward scale of 1."""
+    cost = linear_cost(per_row=0.001)
+    policy = AdaptiveSpecPolicy(8, cost)
+    rng = random.Random(0)
+    for _ in range(300):
+        seqs = rng.choice([1, 2, 4, 8, 16])
+        drafted = rng.randint(0, 3 * seqs)
+        forward = cost(seqs, seqs + drafted)
+        policy.observe_draft_time(0.0, 0)
+        seconds = forward + 0.002 + 0.0005 * seqs + 0.0001 * drafted
+        policy.observe_step(seqs, seqs + drafted, seconds, forward_seconds=forward, drafted=drafted, decoding=seqs)
+    assert policy.scale == pytest.approx(1.0)
+    assert policy.overhead.coef == pytest.approx([0.002, 0.0005, 0.0001], rel=0.02)
+    # steps with prefill chunks (fewer decoding sequences than sequences) teach the scale only
+    before = policy.overhead.coef.copy()
+    policy.observe_step(4, 300, 0.5, forward_seconds=cost(4, 300), drafted=0, decoding=2)
+    assert (policy.overhead.coef == before).all()
+
+
+def test_a_fixed_overhead_at_a_fixed_draft_length_is_not_charged_to_drafts():
+    """One sequence always drafting 8 tokens, 2 ms outside the forward per step: the fixed
+    part takes it, so dropping drafts does not look like a saving."""
+    cost = linear_cost(per_row=0.001)
+    policy = AdaptiveSpecPolicy(8, cost)
+    for _ in range(100):
+        policy.observe_step(1, 9, cost(1, 9) + 0.002, forward_seconds=cost(1, 9), drafted=8, decoding=1)
+    c0, c1, c2 = policy.overhead.coef
+    assert c0 + c1 == pytest.approx(0.002, rel=0.05)
+    assert c2 < 2e-5
+
+
+def test_a_negative_trend_drops_its_coefficient():
+    """Time outside the forward that falls as the batch grows cannot be a negative cost per
+    sequence: that coefficient is dropped and the fixed part fits the mean."""
+    policy = AdaptiveSpecPolicy(8, ForwardCost.flat(0.01))
+    overheads = {s: 0.004 - 0.0002 * s for s in (1, 2, 4, 8, 16)}
+    for seqs in (1, 2, 4, 8, 16) * 20:
+        policy.observe_step(seqs, seqs, 0.01 + overheads[seqs], forward_seconds=0.01, drafted=0, decoding=seqs)
+    assert policy.overhead.coef[1] == 0.0
+    assert policy.overhead(1, 0) == pytest.approx(sum(overheads.values()) / 5, rel=0.1)
+
+
+def test_a_cost_per_sequence_does_not_make_drafts_dearer_but_a_cost_per_draft_does():
+    def plan(coef) -> int:
+        policy = AdaptiveSpecPolicy(8, linear_cost(per_row=0.0006))
+        policy.overhead.coef = np.array(coef)
+        return sum(policy.plan([0.6] * 8, 8))
+
+    none = plan([0.0, 0.0, 0.0])
+    assert plan([0.004, 0.001, 0.0]) >= none  # a dearer step: drafts pay for more of it
+    assert plan([0.0, 0.0, 0.002]) < none
+
+
 def test_acceptance_history_moves_the_plan_and_idle_sequences_are_probed():
     policy = AdaptiveSpecPolicy(4, linear_cost(per_row=0.004), probe_every=3)
     for _ in range(30):
@@ -99,3 +157,13 @@ def test_longer_contexts_make_drafts_dearer():
     assert long < short
     with pytest.raises(ValueError, match=">= 0"):
         ForwardCost((1,), (1,), ((0.1,),), per_row_key=-1e-7)
+
+
+def test_vectorised_costs_equal_the_scalar_ones():
+    seqs, tokens = (1, 2, 4, 8, 16), (1, 2, 3, 5, 9)
+    table = tuple(tuple(0.015 + 0.0003 * s * (t - 1) + 0.0001 * t * t for t in tokens) for s in seqs)
+    for cost in (ForwardCost(seqs, tokens, table, context=128, per_row_key=3e-7), ForwardCost.flat(0.02)):
+        for num_seqs in (1, 3, 4, 16, 40):
+            n = np.arange(num_seqs, num_seqs * 12 + 1)
+            for context in (None, 50.0, 2000.0):
+                assert cost.many(num_seqs, n, context) == pytest.approx([cost(num_seqs, int(k), context) for k in n])

@@ -9,10 +9,11 @@ native layers) any divergence fails.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from specserve import SamplingParams
 from specserve.bench.workload import load_questions
-from specserve.equivalence import bit_exact, compare_greedy
+from specserve.equivalence import NEAR_TIE, bit_exact, compare_greedy, first_divergence
 from specserve.model.export import export_truncated
 
 MAX_TOKENS = 32
@@ -77,3 +78,30 @@ def test_greedy_equivalence_spec_bench(spec, dtype, llm_bf16, llm_fp32, bench_pr
     print(f"{spec} {dtype}: drafted {drafted}, accepted {accepted}; divergences: {report or 'none'}")
     assert drafted > 0, "the drafter never proposed anything"
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("spec", ["ngram", "eagle"])
+def test_greedy_speculative_logprobs_are_plain_decodings(spec, llm_bf16, bench_prompts):
+    """Logprobs of speculative tokens (a chain's rows, a tree's accepted path) are the ones
+    plain decoding reports for the same tokens: on the row-invariant native layers the
+    same values, elsewhere equal within rounding."""
+    prompts = bench_prompts[:6]
+    params = SamplingParams(max_tokens=24, logprobs=3)
+    llm_bf16.set_spec(None)
+    plain = llm_bf16.generate(prompts, params)
+    llm_bf16.set_spec(spec)
+    try:
+        spec_out = llm_bf16.generate(prompts, params)
+    finally:
+        llm_bf16.set_spec(None)
+    assert sum(o.metrics.accepted_tokens for o in spec_out) > 0
+    exact = bit_exact(llm_bf16)
+    tol = 0.0 if exact else NEAR_TIE[torch.bfloat16]  # bf16 logits may round a few steps apart
+    for p, o in zip(plain, spec_out):
+        n = first_divergence(p.token_ids, o.token_ids)
+        n = len(p.token_ids) if n is None else n
+        assert len(o.logprobs) == len(o.token_ids)
+        for a, b in zip(p.logprobs[:n], o.logprobs[:n]):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) <= tol
+            assert [t for t, _ in a.top] == [t for t, _ in b.top] or not exact
+            assert all(abs(x - y) <= tol for (_, x), (_, y) in zip(a.top, b.top))

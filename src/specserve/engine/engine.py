@@ -59,6 +59,21 @@ def needs_processing(params: SamplingParams) -> bool:
     return not params.greedy or params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 
+def _walk_tree(tokens: list[int], parents: list[int], targets: list[int]) -> tuple[list[int], list[int]]:
+    """(emitted tokens, accepted drafts) of a token tree walked with the target's token
+    after every node (`targets[0]` after the root, `targets[j + 1]` after draft j)."""
+    path = walk(tokens, parents, targets)
+    return [tokens[j] for j in path] + [targets[path[-1] + 1 if path else 0]], path
+
+
+def _scoring_rows(start: int, num_emitted: int, path: list[int] | None) -> list[int]:
+    """The forward rows whose distributions gave a sequence's emitted tokens: a chain's
+    first rows in order, a tree's root row then the rows after its accepted drafts."""
+    if path is None:
+        return list(range(start, start + num_emitted))
+    return [start] + [start + 1 + j for j in path]
+
+
 def processed_logits(
     logits: torch.Tensor,  # [R, V] fp32
     params: list[SamplingParams],  # one per row
@@ -274,6 +289,9 @@ class Engine:
         t0 = time.perf_counter()
         feeds = self.drafter is not None and getattr(self.drafter, "wants_hidden", False)
         logits, hidden = self.runner.forward(items, all_hidden=feeds)
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)  # verification waits for it anyway; the policy times it
+        forward_time = time.perf_counter() - t0
         row_of = dict(zip((it.slot for it in items), itertools.accumulate((len(it.token_ids) for it in items), initial=0)))
         draft_probs = proposal.probs + [None] * (len(sampled) - len(decoding))
         emitted, paths = self._verify(sampled, sampled_drafts, draft_probs, logits, sampled_parents)
@@ -324,7 +342,10 @@ class Engine:
                 self.drafter.observe([self._view(s) for s, _, _ in live], [len(t) - 1 for _, _, t in live])
             for seq, n, tokens in live:
                 self.policy.update(seq.request_id, n, len(tokens) - 1)
-        self.policy.observe_step(len(items), sum(len(it.token_ids) for it in items), time.perf_counter() - step_start)
+        self.policy.observe_step(
+            len(items), sum(len(it.token_ids) for it in items), time.perf_counter() - step_start,
+            forward_seconds=forward_time, drafted=sum(len(d) for d in drafts), decoding=len(decoding),
+        )
         return sampled
 
     def _feed_hidden(self, seq: Sequence, start: int, hidden: torch.Tensor, rows) -> None:
@@ -386,11 +407,29 @@ class Engine:
         for a token tree, the indices of its accepted drafts (None for chains)."""
         if not any(drafts):
             return [[t] for t in self._sample(seqs, logits)], [None] * len(seqs)
+        starts = list(itertools.accumulate((len(d) + 1 for d in drafts), initial=0))
+        if not any(needs_processing(s.params) for s in seqs):
+            # every row plain argmax: one argmax over all rows and one copy to the host, no
+            # distributions (a chain keeps its drafts while they are the target's tokens)
+            top = logits.argmax(dim=-1).tolist()
+            emitted, paths = [], []
+            for i, (d, tree) in enumerate(zip(drafts, parents)):
+                targets = top[starts[i] : starts[i + 1]]
+                if tree is None:
+                    n = next((j for j, tok in enumerate(d) if tok != targets[j]), len(d))
+                    emitted.append(d[:n] + [targets[n]])
+                    paths.append(None)
+                else:
+                    tokens, path = _walk_tree(d, tree, targets)
+                    emitted.append(tokens)
+                    paths.append(path)
+            rows_of = [_scoring_rows(starts[i], len(e), paths[i]) for i, e in enumerate(emitted)]
+            self._record_logprobs(seqs, emitted, rows_of, logits)
+            return emitted, paths
         params = [s.params for s in seqs]
         penalised, probs = target_distributions(
             logits, params, [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], drafts, parents
         )
-        starts = list(itertools.accumulate((len(d) + 1 for d in drafts), initial=0))
         emitted: list[list[int]] = [[] for _ in seqs]
         paths: list[list[int] | None] = [None] * len(seqs)
         rows_of: list[list[int]] = [[] for _ in seqs]  # the rows that scored each emitted token
@@ -409,13 +448,21 @@ class Engine:
             )
             for i, tokens in zip(chains, result.emitted):
                 emitted[i] = tokens
-                rows_of[i] = list(range(starts[i], starts[i] + len(tokens)))
+                rows_of[i] = _scoring_rows(starts[i], len(tokens), None)
         for i, tree in enumerate(parents):
             if tree is not None:
                 emitted[i], paths[i] = self._verify_tree(seqs[i], drafts[i], tree, probs[starts[i] : starts[i + 1]])
-                rows_of[i] = [starts[i]] + [starts[i] + 1 + j for j in paths[i]]
+                rows_of[i] = _scoring_rows(starts[i], len(emitted[i]), paths[i])
+        self._record_logprobs(seqs, emitted, rows_of, penalised)
+        return emitted, paths
+
+    def _record_logprobs(
+        self, seqs: list[Sequence], emitted: list[list[int]], rows_of: list[list[int]], penalised: torch.Tensor
+    ) -> None:
+        """Logprobs of the emitted tokens (from the rows that scored them) for the sequences
+        that asked: one call for all of them, one copy to the host."""
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        if want:  # one call for every sequence that asked, one copy to the host
+        if want:
             dev = penalised.device
             rows = torch.tensor([r for i in want for r in rows_of[i]], dtype=torch.long, device=dev)
             chosen = torch.tensor([t for i in want for t in emitted[i]], dtype=torch.long, device=dev)
@@ -429,7 +476,6 @@ class Engine:
                     top = list(zip(top_ids[j][:kk], top_lp[j][:kk]))
                     seqs[i].pending_logprobs.append(TokenLogprob(tok, token_lp[j], top))
                     j += 1
-        return emitted, paths
 
     def _verify_tree(
         self, seq: Sequence, tokens: list[int], parents: list[int], probs: torch.Tensor  # [k + 1, V]
@@ -449,8 +495,7 @@ class Engine:
                 gen = seq.generator
                 u = torch.rand(n, dtype=torch.float64, generator=gen, device=gen.device if gen is not None else "cpu")
             targets = inverse_cdf(probs, u.to(probs.device)[node_depth]).tolist()
-        path = walk(tokens, parents, targets)
-        return [tokens[j] for j in path] + [targets[path[-1] + 1 if path else 0]], path
+        return _walk_tree(tokens, parents, targets)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """One token per sequence from its row of `logits` `[len(seqs), V]` (no drafts)."""

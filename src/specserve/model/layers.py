@@ -122,13 +122,45 @@ class AttentionMetadata:
     cache_starts: list[int]
     write_index: torch.Tensor
     reads: list[int | list[tuple[int, int]] | torch.Tensor]
-    masks: list[torch.Tensor | None]
-    sliding_masks: list[torch.Tensor | None]
+    masks: LazyMasks | list[torch.Tensor | None]
+    sliding_masks: LazyMasks | list[torch.Tensor | None]
     causal: list[bool] | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.cache_starts)
+
+
+class LazyMasks:
+    """Per-sequence attention masks, each built on first access: the native kernel reads a
+    chain's `causal` flag and never needs its mask, the PyTorch path builds it once."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._specs: list[tuple[int, int, torch.Tensor | None]] = []  # (new tokens, cached, tree mask)
+        self._built: dict[int, torch.Tensor | None] = {}
+
+    def append(self, spec: tuple[int, int, torch.Tensor | None]) -> None:
+        self._specs.append(spec)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        if i not in self._built:
+            q_len, start, tree = self._specs[i]
+            if tree is None and (q_len == 1 or start == 0):
+                mask = None  # one query sees everything cached; a pure causal prefill is SDPA's is_causal
+            else:
+                mask = torch.ones(q_len, start + q_len, dtype=torch.bool, device=self.device)
+                mask[:, start:] = tree if tree is not None else torch.ones(
+                    q_len, q_len, dtype=torch.bool, device=self.device
+                ).tril()
+            self._built[i] = mask
+        return self._built[i]
 
 
 def build_attention_metadata(
@@ -148,7 +180,7 @@ def build_attention_metadata(
     additionally hide cache entries `window` or more tokens behind the query's index.
     """
     query_starts = [0]
-    masks: list[torch.Tensor | None] = []
+    masks = LazyMasks(device)
     sliding: list[torch.Tensor | None] = []
     writes: list[int] = []
     reads: list[int | list[tuple[int, int]] | torch.Tensor] = []
@@ -169,22 +201,17 @@ def build_attention_metadata(
                 reads.append(torch.tensor(cache.indices(slot, 0, total), dtype=torch.long, device=device))
         tree = tree_masks[i] if tree_masks is not None else None
         causal.append(tree is None)
-        if tree is None and q_len == 1:
-            mask = None  # one query sees everything cached
-        elif tree is None and start == 0:
-            mask = None  # pure causal prefill: SDPA's is_causal
-        else:
-            mask = torch.ones(q_len, total, dtype=torch.bool, device=device)
-            new = tree if tree is not None else torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
-            mask[:, start:] = new
-        masks.append(mask)
+        masks.append((q_len, start, tree))
         if sliding_window is not None and total > sliding_window:
+            mask = masks[i]
             q_idx = torch.arange(start, total, device=device).unsqueeze(1)
             k_idx = torch.arange(total, device=device).unsqueeze(0)
             base_mask = mask if mask is not None else (k_idx <= q_idx)
             sliding.append(base_mask & (k_idx > q_idx - sliding_window))
-        else:
-            sliding.append(mask)
+        elif sliding_window is not None:
+            sliding.append(masks[i])
+    if sliding_window is None:
+        sliding = masks  # no sliding layers read them: the same lazy masks
     write_index = torch.tensor(writes, dtype=torch.long, device=device)
     return AttentionMetadata(query_starts, list(cache_starts), write_index, reads, masks, sliding, causal)
 

@@ -287,9 +287,9 @@ class NativeDecoder:
             bases.append(0)
             kidx.append(keep[-1].data_ptr())
         mptr = []
-        for i, m in enumerate(meta.masks):
-            if meta.causal is not None and meta.causal[i]:
-                m = None  # the kernel's own causal path
+        for i in range(n):
+            # a chain takes the kernel's own causal path (its mask is never built)
+            m = None if meta.causal is not None and meta.causal[i] else meta.masks[i]
             if m is not None:
                 keep.append(m.contiguous())
             mptr.append(0 if m is None else keep[-1].data_ptr())

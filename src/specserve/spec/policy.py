@@ -5,7 +5,7 @@ speculation, SmartSpec/TETRIS style). Per sequence it keeps a decayed estimate o
 per-token acceptance probability `a_i`, so the j-th draft token of sequence i is
 accepted with probability `a_i^j`. The step's cost is modelled as
 
-    t(K) = s * f(S, N + K) + K * t_draft
+    t(K) = s * f(S, N + K) + c0 + c1 * S + (c2 + t_draft) * K
 
 with `f(S, n)` the target forward time of S sequences holding n tokens in all, every
 row's logits kept as verification needs them (a table measured at start-up over batch
@@ -13,8 +13,11 @@ shapes: the cost of a draft token depends on the batch, since each sequence's qu
 rows attend over its own context), plus, for the batch's mean context c, the measured
 attention cost of every row per cached key times (c - the table's context): a drafted
 row over 1,000 cached tokens costs more than over 100. N is the tokens the step runs
-anyway (one per decoding sequence plus prefill chunks), `s` a correction learned from
-measured step times (scheduling, verification) and `t_draft` the drafting time per token.
+anyway (one per decoding sequence plus prefill chunks), `s` the ratio of measured to
+tabled forward times, `t_draft` the drafting time per token, and c0 + c1 * S + c2 * K the
+rest of the step (scheduling, verification, bookkeeping), fitted to measured steps: a
+fixed cost, one per sequence and one per draft token. Only the last part and the forward
+grow with K; a cost per sequence makes the step dearer without making drafts dearer.
 The plan adds draft tokens in order of acceptance
 probability and keeps the count K that maximises goodput
 
@@ -31,6 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 
 class SpecPolicy(Protocol):
     def budgets(self, request_ids: list[str], other_tokens: int, context: float | None = None) -> list[int]: ...
@@ -39,7 +44,15 @@ class SpecPolicy(Protocol):
 
     def observe_draft_time(self, seconds: float, num_tokens: int) -> None: ...
 
-    def observe_step(self, num_seqs: int, num_tokens: int, seconds: float) -> None: ...
+    def observe_step(
+        self,
+        num_seqs: int,
+        num_tokens: int,
+        seconds: float,
+        forward_seconds: float | None = None,
+        drafted: int = 0,
+        decoding: int | None = None,
+    ) -> None: ...
 
     def release(self, request_id: str) -> None: ...
 
@@ -59,7 +72,15 @@ class FixedSpecPolicy:
     def observe_draft_time(self, seconds: float, num_tokens: int) -> None:
         pass
 
-    def observe_step(self, num_seqs: int, num_tokens: int, seconds: float) -> None:
+    def observe_step(
+        self,
+        num_seqs: int,
+        num_tokens: int,
+        seconds: float,
+        forward_seconds: float | None = None,
+        drafted: int = 0,
+        decoding: int | None = None,
+    ) -> None:
         pass
 
     def release(self, request_id: str) -> None:
@@ -104,6 +125,24 @@ class ForwardCost:
         w = (per_seq - grid[j - 1]) / (grid[j] - grid[j - 1])
         return max(row[j - 1] + w * (row[j] - row[j - 1]), row[0])
 
+    def many(self, num_seqs: int, num_tokens: np.ndarray, context: float | None = None) -> np.ndarray:
+        """`self(num_seqs, n, context)` for every n of `num_tokens` (one vectorised call)."""
+        num_seqs = max(num_seqs, 1)
+        tokens = np.asarray(num_tokens, dtype=float)
+        per_seq = np.maximum(tokens / num_seqs, 1.0)
+        grid = self.seqs
+        if num_seqs >= grid[-1]:
+            base = _interp(self.tokens, self.seconds[-1], per_seq) * num_seqs / grid[-1]
+        else:
+            i = next(i for i in range(1, len(grid)) if grid[i] >= num_seqs)
+            w = (num_seqs - grid[i - 1]) / (grid[i] - grid[i - 1])
+            base = (1 - w) * _interp(self.tokens, self.seconds[i - 1], per_seq) + w * _interp(
+                self.tokens, self.seconds[i], per_seq
+            )
+        if context is None or not self.per_row_key:
+            return base
+        return np.maximum(base + self.per_row_key * np.maximum(tokens, num_seqs) * (context - self.context), 0.5 * base)
+
     def __call__(self, num_seqs: int, num_tokens: int, context: float | None = None) -> float:
         """Forward time of `num_seqs` sequences with `num_tokens` tokens in all (and a
         mean of `context` cached tokens per sequence, where known)."""
@@ -121,6 +160,60 @@ class ForwardCost:
         return max(base + self.per_row_key * max(num_tokens, num_seqs) * (context - self.context), 0.5 * base)
 
 
+class StepOverhead:
+    """The part of a step's time outside the forward and the drafting, as c0 + c1 * S + c2 * K
+    (S sequences, K draft tokens): least squares over the measured steps with exponential
+    forgetting, the coefficients kept >= 0 (a coefficient that would come out negative is
+    dropped and the rest refitted)."""
+
+    def __init__(self, forget: float = 0.98, ridge: float = 1e-5) -> None:
+        self.forget, self.ridge = forget, ridge
+        self.gram = np.zeros((3, 3))
+        self.moment = np.zeros(3)
+        self.coef = np.zeros(3)  # c0, c1, c2 in seconds
+        self.samples = 0
+
+    def observe(self, num_seqs: int, drafted: int, seconds: float) -> None:
+        x = np.array([1.0, float(num_seqs), float(drafted)])
+        seconds = max(seconds, 0.0)
+        if self.samples >= 8:  # a stray slow step (a collection pause) counts as at most 3x the model
+            seconds = min(seconds, 3.0 * self(num_seqs, drafted) + 1e-3)
+        self.gram = self.forget * self.gram + np.outer(x, x)
+        self.moment = self.forget * self.moment + x * seconds
+        self.samples += 1
+        self.coef = self._fit()
+
+    def _fit(self) -> np.ndarray:
+        active = [0, 1, 2]
+        while active:
+            g = self.gram[np.ix_(active, active)]
+            # the fixed part is not shrunk: where S and K hardly vary it takes the time, rather
+            # than a per-draft cost that would make drafting look dear
+            penalty = np.diag([0.0 if j == 0 else self.ridge * max(np.trace(g), 1.0) for j in active])
+            sol = np.linalg.lstsq(g + penalty, self.moment[active], rcond=None)[0]
+            if (sol >= 0).all():
+                coef = np.zeros(3)
+                coef[active] = sol
+                return coef
+            active.pop(int(np.argmin(sol)))
+        return np.zeros(3)
+
+    def __call__(self, num_seqs: int, drafted: int) -> float:
+        c0, c1, c2 = self.coef
+        return float(c0 + c1 * num_seqs + c2 * drafted)
+
+
+def _interp(grid: tuple[int, ...], row: tuple[float, ...], x: np.ndarray) -> np.ndarray:
+    """`ForwardCost._row` for many token counts at once."""
+    if len(grid) == 1:
+        return np.full(x.shape, row[0])
+    g, r = np.asarray(grid, dtype=float), np.asarray(row, dtype=float)
+    out = np.interp(x, g, r)
+    past = x > g[-1]  # the last slope past the grid
+    out[past] = r[-1] + (x[past] - g[-1]) * (r[-1] - r[-2]) / (g[-1] - g[-2])
+    return np.maximum(out, r[0])
+
+
 @dataclass
 class _Stats:
     accepted: float
@@ -132,8 +225,8 @@ class AdaptiveSpecPolicy:
     """Load-aware draft lengths from acceptance history and a measured cost model.
 
     `verify_cost` is the measured target forward time by batch shape; `draft_cost` the
-    drafting time per token (seconds) and `scale` the ratio of measured step time
-    (drafting excluded) to the table's, both updated from measurements.
+    drafting time per token (seconds), `scale` the ratio of measured forward time to the
+    table's and `overhead` the rest of a step, all updated from measurements.
     """
 
     max_k: int
@@ -150,6 +243,7 @@ class AdaptiveSpecPolicy:
     _step_draft_time: float = 0.0
     _idle: dict[str, int] = field(default_factory=dict)  # steps without drafting, per request
     _context: float | None = None  # mean cached tokens per sequence of the step being planned
+    overhead: StepOverhead = field(default_factory=StepOverhead)
 
     def __post_init__(self) -> None:
         if self.max_k < 0:
@@ -163,9 +257,6 @@ class AdaptiveSpecPolicy:
             return self.prior_acceptance
         return st.accepted / max(st.accepted + st.rejected, 1e-9)
 
-    def _step_cost(self, base_tokens: int, num_seqs: int, drafts: int) -> float:
-        return self.scale * self.verify_cost(num_seqs, base_tokens + drafts, self._context) + drafts * self.draft_cost
-
     def plan(self, acceptances: list[float], base_tokens: int) -> list[int]:
         """Draft lengths maximising expected tokens per second for one step."""
         S = len(acceptances)
@@ -174,12 +265,17 @@ class AdaptiveSpecPolicy:
             a = min(max(a, 0.0), 0.999)
             gains.extend((a ** (j + 1), i) for j in range(self.max_k))
         gains.sort(key=lambda g: -g[0])
-        expected, best_rate, best_count = float(S), S / self._step_cost(base_tokens, S, 0), 0
-        for count, (gain, _) in enumerate(gains, start=1):
-            expected += gain
-            rate = expected / self._step_cost(base_tokens, S, count)
-            if rate > best_rate * 1.001:
-                best_rate, best_count = rate, count
+        # expected tokens and step time with the best 0, 1, 2, ... drafts (one vectorised cost call)
+        counts = np.arange(len(gains) + 1)
+        expected = S + np.concatenate(([0.0], np.cumsum([g for g, _ in gains])))
+        cost = self.scale * self.verify_cost.many(S, base_tokens + counts, self._context)
+        c0, c1, c2 = self.overhead.coef
+        cost = cost + c0 + c1 * S + (c2 + self.draft_cost) * counts
+        rates = (expected / cost).tolist()
+        best_rate, best_count = rates[0], 0
+        for count in range(1, len(rates)):
+            if rates[count] > best_rate * 1.001:
+                best_rate, best_count = rates[count], count
         ks = [0] * S
         for _, i in gains[:best_count]:
             ks[i] += 1
@@ -220,16 +316,31 @@ class AdaptiveSpecPolicy:
             self.draft_cost = per_token if self._draft_samples == 0 else 0.8 * self.draft_cost + 0.2 * per_token
             self._draft_samples += 1
 
-    def observe_step(self, num_seqs: int, num_tokens: int, seconds: float) -> None:
-        """Learn the ratio of measured to tabled step time from a measured step."""
+    def observe_step(
+        self,
+        num_seqs: int,
+        num_tokens: int,
+        seconds: float,
+        forward_seconds: float | None = None,
+        drafted: int = 0,
+        decoding: int | None = None,
+    ) -> None:
+        """Learn from a measured step: `seconds` in all, `forward_seconds` of them in the
+        target forward (None: unknown, the whole step less drafting counts as forward),
+        with `drafted` draft tokens among its `num_tokens`, and `decoding` of its
+        `num_seqs` sequences decoding (the rest prefill chunks). Only steps that decode
+        and prefill nothing teach the overhead, since plans are made for those."""
         drafting, self._step_draft_time = self._step_draft_time, 0.0
         context, self._context = self._context, None  # the planned step's; a step without a plan has none
         if num_seqs <= 0:
             return
+        forward = seconds - drafting if forward_seconds is None else forward_seconds
         predicted = self.verify_cost(num_seqs, num_tokens, context)
-        ratio = min(max((seconds - drafting) / predicted, 0.25), 4.0)
+        ratio = min(max(forward / predicted, 0.25), 4.0)
         self.scale = ratio if self._step_samples == 0 else 0.9 * self.scale + 0.1 * ratio
         self._step_samples += 1
+        if forward_seconds is not None and decoding == num_seqs:
+            self.overhead.observe(num_seqs, drafted, seconds - drafting - forward_seconds)
 
     def release(self, request_id: str) -> None:
         self._stats.pop(request_id, None)

@@ -249,13 +249,14 @@ def _generate(llm, prompts: list[str], max_tokens: int, batch: int, desc: str) -
 
 
 FEATURE_TOKENS = 4096  # most tokens per forward while computing the features
+KV_BLOCK_SIZE = 16
 
 
 def target_features(model, samples: list[list[int]], max_tokens: int = FEATURE_TOKENS) -> list[torch.Tensor]:
     """The target's final hidden rows `[len(ids), hidden]` (bf16, on the CPU) of every token of
     each sample, several samples per forward (up to `max_tokens` tokens). The native layers are
     row-invariant, so a sample's features are exactly those of a forward over it alone."""
-    from specserve.cache.kv_cache import KVCache
+    from specserve.cache.kv_cache import KVCache, KVCacheFull
     from specserve.engine.runner import ForwardItem, ModelRunner
 
     if not samples:
@@ -268,16 +269,17 @@ def target_features(model, samples: list[list[int]], max_tokens: int = FEATURE_T
         groups[-1].append(i)
     longest = max(len(ids) for ids in samples)
     width = max(len(g) for g in groups)
-    blocks = -(-max(max_tokens, longest) // 16) + width
+    block = KV_BLOCK_SIZE
     scratch = KVCache(mcfg.num_layers, width, longest, mcfg.num_kv_heads, mcfg.head_dim, native.kv_dtype(model),
-                      model.device, num_blocks=blocks)
+                      model.device, block_size=block, num_blocks=-(-max(max_tokens, longest) // block) + width)
     runner = ModelRunner(model, scratch)
     feats: list[torch.Tensor] = [None] * len(samples)  # type: ignore[list-item]
     bar = _progress(total=len(samples), desc="features", unit="sample")
     for group in groups:
         slots = [scratch.allocate() for _ in group]
         for slot, i in zip(slots, group):
-            scratch.ensure(slot, len(samples[i]))
+            if not scratch.ensure(slot, len(samples[i])):  # the pool is sized for a whole group
+                raise KVCacheFull(f"no KV blocks for a {len(samples[i])}-token sample")
         items = [ForwardItem(slot, 0, samples[i], logits_from=None) for slot, i in zip(slots, group)]
         _, hidden = runner.forward(items, all_hidden=True)
         hidden = hidden.to(torch.bfloat16).cpu()
