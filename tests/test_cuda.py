@@ -66,6 +66,19 @@ def run_staggered(engine, requests, concurrency):
         raise
 
 
+def divergences(references, candidates, dtype) -> tuple[list[str], list[str]]:
+    """(every divergence, those that are not near-ties), described with their margins;
+    `references` are (plain greedy tokens, their logprobs) per request."""
+    report, failures = [], []
+    for i, ((ref_ids, ref_logprobs), out_ids) in enumerate(zip(references, candidates)):
+        d = compare_greedy(ref_ids, ref_logprobs, out_ids, dtype)
+        if not d.identical:
+            report.append(f"request {i}: {d.describe()}")
+        if not d.ok:
+            failures.append(f"request {i}: {d.describe()}")
+    return report, failures
+
+
 def test_model_and_cache_live_on_the_device(cuda_bf16):
     assert cuda_bf16.device.type == torch.device(DEVICE).type
     assert next(cuda_bf16.model.parameters()).device.type == cuda_bf16.device.type
@@ -95,13 +108,9 @@ def test_speculative_greedy_equals_plain(spec, cuda_bf16, prompts, plain_bf16, d
         outputs = cuda_bf16.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, logprobs=2))
     finally:
         cuda_bf16.set_spec(None)
-    report, failures = [], []
-    for i, (ref, out) in enumerate(zip(plain_bf16, outputs)):
-        d = compare_greedy(ref.token_ids, ref.logprobs, out.token_ids, cuda_bf16.dtype)
-        if not d.identical:
-            report.append(f"prompt {i}: {d.describe()}")
-        if not d.ok:
-            failures.append(f"prompt {i}: {d.describe()}")
+    report, failures = divergences(
+        [(r.token_ids, r.logprobs) for r in plain_bf16], [o.token_ids for o in outputs], cuda_bf16.dtype
+    )
     drafted = sum(o.metrics.drafted_tokens for o in outputs)
     accepted = sum(o.metrics.accepted_tokens for o in outputs)
     print(f"{spec} on {DEVICE}: drafted {drafted}, accepted {accepted}; divergences: {report or 'none'}")
@@ -121,13 +130,9 @@ def test_staggered_batch_equals_alone(spec, cuda_bf16, prompts):
         batched = run_staggered(cuda_bf16.engine, requests, concurrency=8)
     finally:
         cuda_bf16.set_spec(None)
-    report, failures = [], []
-    for i, (ref, out) in enumerate(zip(alone, batched)):
-        d = compare_greedy(ref.output_ids, ref.logprobs, out.output_ids, cuda_bf16.dtype)
-        if not d.identical:
-            report.append(f"request {i}: {d.describe()}")
-        if not d.ok:
-            failures.append(f"request {i}: {d.describe()}")
+    report, failures = divergences(
+        [(r.output_ids, r.logprobs) for r in alone], [o.output_ids for o in batched], cuda_bf16.dtype
+    )
     print(f"spec={spec} at concurrency 8 on {DEVICE}: divergences: {report or 'none'}")
     assert not failures, "\n".join(failures)
 
