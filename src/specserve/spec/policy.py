@@ -117,14 +117,6 @@ class ForwardCost:
         """The same time for any batch (a forward that costs nothing more per token)."""
         return cls((1,), (1,), ((seconds,),))
 
-    def _row(self, i: int, per_seq: float) -> float:
-        grid, row = self.tokens, self.seconds[i]
-        if len(grid) == 1:
-            return row[0]
-        j = next((j for j in range(1, len(grid)) if grid[j] >= per_seq), len(grid) - 1)
-        w = (per_seq - grid[j - 1]) / (grid[j] - grid[j - 1])
-        return max(row[j - 1] + w * (row[j] - row[j - 1]), row[0])
-
     def many(self, num_seqs: int, num_tokens: np.ndarray, context: float | None = None) -> np.ndarray:
         """`self(num_seqs, n, context)` for every n of `num_tokens` (one vectorised call)."""
         num_seqs = max(num_seqs, 1)
@@ -146,18 +138,7 @@ class ForwardCost:
     def __call__(self, num_seqs: int, num_tokens: int, context: float | None = None) -> float:
         """Forward time of `num_seqs` sequences with `num_tokens` tokens in all (and a
         mean of `context` cached tokens per sequence, where known)."""
-        num_seqs = max(num_seqs, 1)
-        per_seq = max(num_tokens / num_seqs, 1.0)
-        grid = self.seqs
-        if num_seqs >= grid[-1]:
-            base = self._row(len(grid) - 1, per_seq) * num_seqs / grid[-1]
-        else:
-            i = next(i for i in range(1, len(grid)) if grid[i] >= num_seqs)
-            w = (num_seqs - grid[i - 1]) / (grid[i] - grid[i - 1])
-            base = (1 - w) * self._row(i - 1, per_seq) + w * self._row(i, per_seq)
-        if context is None or not self.per_row_key:
-            return base
-        return max(base + self.per_row_key * max(num_tokens, num_seqs) * (context - self.context), 0.5 * base)
+        return float(self.many(num_seqs, np.array([num_tokens]), context)[0])
 
 
 class StepOverhead:
@@ -198,13 +179,15 @@ class StepOverhead:
             active.pop(int(np.argmin(sol)))
         return np.zeros(3)
 
-    def __call__(self, num_seqs: int, drafted: int) -> float:
+    def __call__(self, num_seqs: int, drafted):
+        """Seconds for `drafted` draft tokens (an int, or an array of counts)."""
         c0, c1, c2 = self.coef
-        return float(c0 + c1 * num_seqs + c2 * drafted)
+        return c0 + c1 * num_seqs + c2 * drafted
 
 
 def _interp(grid: tuple[int, ...], row: tuple[float, ...], x: np.ndarray) -> np.ndarray:
-    """`ForwardCost._row` for many token counts at once."""
+    """One row of a cost table at token counts per sequence `x`: linear between grid points,
+    the last slope past the grid, never below the one-token time."""
     if len(grid) == 1:
         return np.full(x.shape, row[0])
     g, r = np.asarray(grid, dtype=float), np.asarray(row, dtype=float)
@@ -269,8 +252,7 @@ class AdaptiveSpecPolicy:
         counts = np.arange(len(gains) + 1)
         expected = S + np.concatenate(([0.0], np.cumsum([g for g, _ in gains])))
         cost = self.scale * self.verify_cost.many(S, base_tokens + counts, self._context)
-        c0, c1, c2 = self.overhead.coef
-        cost = cost + c0 + c1 * S + (c2 + self.draft_cost) * counts
+        cost = cost + self.overhead(S, counts) + self.draft_cost * counts
         rates = (expected / cost).tolist()
         best_rate, best_count = rates[0], 0
         for count in range(1, len(rates)):
