@@ -505,16 +505,9 @@ class Engine:
             tokens = penalised.argmax(dim=-1)
         else:
             tokens = sample(probs, [s.generator for s in seqs], uniforms=_seeded_uniforms(seqs, [1] * len(seqs), logits.device))
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        if want:
-            k = max(seqs[i].params.logprobs for i in want)
-            rows = torch.tensor(want, dtype=torch.long)
-            lp = compute_logprobs(penalised[rows], tokens[rows], k)
-            for j, i in enumerate(want):
-                kk = seqs[i].params.logprobs
-                top = list(zip(lp.top_token_ids[j, :kk].tolist(), lp.top_logprobs[j, :kk].tolist()))
-                seqs[i].pending_logprobs = [TokenLogprob(int(tokens[i]), float(lp.token_logprobs[j]), top)]
-        return tokens.tolist()
+        chosen = tokens.tolist()
+        self._record_logprobs(seqs, [[t] for t in chosen], [[i] for i in range(len(seqs))], penalised)
+        return chosen
 
     # ------------------------------------------------------------------ output handling
 
