@@ -160,6 +160,9 @@ def build_parser() -> ArgumentParser:
     add("--out", required=True, metavar="DIR", help="output directory (data, checkpoint, head)")
     add("--dtype", choices=DTYPE_CHOICES, help="dtype of the target while it writes the data (default: bfloat16 where the hardware has it)")
     add("--prompts", type=_count(8), default=640, metavar="N", help="synthesized prompts (default: 640, plus 30%% passage tasks)")
+    add("--self-instruct", type=_count(0), default=0, metavar="N",
+        help="more prompts written by the target itself from few-shot examples (default: 0); "
+        "a reused data.pt with fewer is extended")
     add("--max-tokens", type=_count(16), default=256, metavar="N", help="most tokens per answer (default: 256)")
     add("--epochs", type=_count(1), default=6, metavar="E", help="passes over the data (default: 6)")
     add("--batch-size", type=_count(1), default=8, metavar="B", help="sequences per step; Medusa: 64 x B feature rows (default: 8)")
@@ -491,7 +494,7 @@ def cmd_train_drafter(parser: ArgumentParser, args: argparse.Namespace) -> int:
         llm = LLM(args.target, dtype=args.dtype, max_num_seqs=32, max_model_len=2048)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         parser.error(f"--target: cannot load {args.target or 'the default model'}: {exc}")
-    cfg = TrainConfig(prompts=args.prompts, max_tokens=args.max_tokens, epochs=args.epochs,
+    cfg = TrainConfig(prompts=args.prompts, self_instruct=args.self_instruct, max_tokens=args.max_tokens, epochs=args.epochs,
                       batch_size=args.batch_size, lr=float(args.lr), draft_vocab=args.draft_vocab, seed=args.seed,
                       kind=args.kind, medusa_heads=args.medusa_heads or 4, medusa_layers=args.medusa_layers or 1)
     try:

@@ -4,8 +4,10 @@ head loads and accepts drafts, and `specserve train-drafter` trains a working he
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -193,6 +195,39 @@ def test_train_drafter_end_to_end(llm_fp32, tmp_path):
     prompts = [llm.chat_prompt([{"role": "user", "content": PROMPTS[1]}])]
     params = SamplingParams(max_tokens=24)
     assert _eagle_outputs(llm, out, prompts, params)[0].token_ids == llm.generate(prompts, params)[0].token_ids
+    # asking for self-instruct prompts extends the cached data and retrains on all of it
+    before = torch.load(out / "data.pt", weights_only=False)
+    lines.clear()
+    train_eagle(llm_fp32, out, replace(cfg, self_instruct=4), log=lines.append)
+    after = torch.load(out / "data.pt", weights_only=False)
+    assert after["self_instruct"] == 4 and after["num_prompts"] == before["num_prompts"] + 4
+    assert len(after["tokens"]) == len(after["feats"]) == len(after["response_start"]) == after["num_prompts"]
+    assert all(torch.equal(a, b) for a, b in zip(before["tokens"], after["tokens"]))
+    assert any("checkpoint" in line and "removed" in line for line in lines)
+    assert any(line.startswith("epoch 1:") for line in lines)
+    config = json.loads((out / "config.json").read_text())
+    assert "4 requests written by the target itself" in config["training"]["data"]
+
+
+def test_self_instruct_requests_are_filtered():
+    """Only a usable request survives: one line, a sentence of a few words, no example, no link."""
+    from specserve.spec.train import SELF_INSTRUCT_POOLS, _self_instruct_request
+
+    examples = {q.lower() for pool in SELF_INSTRUCT_POOLS.values() for q in pool}
+    example = next(iter(SELF_INSTRUCT_POOLS.values()))[0]
+    assert _self_instruct_request(" How do volcanoes form?\n6. Next item", examples) == "How do volcanoes form?"
+    assert _self_instruct_request(' "Write a poem about a quiet harbor."', examples) == "Write a poem about a quiet harbor."
+    for bad in ("Hi.", "Too few words?", "1234 is a number I like.", "See https://example.org for this one.",
+                "A request that never ends and has no final punctuation at all", "x " * 300 + ".", " " + example):
+        assert _self_instruct_request(bad, examples) is None, bad
+
+
+def test_self_instruct_prompts_are_distinct_and_seeded(llm_fp32):
+    from specserve.spec.train import self_instruct_prompts
+
+    first = self_instruct_prompts(llm_fp32, 6, seed=3, batch=8)
+    assert len(first) == 6 and len({p.lower() for p in first}) == 6
+    assert self_instruct_prompts(llm_fp32, 6, seed=3, batch=8) == first
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

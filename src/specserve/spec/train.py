@@ -4,7 +4,10 @@
    downloaded, and none of them is a Spec-Bench question): writing, explanation,
    questions, roleplay, advice, reasoning, arithmetic, code, lists, rewriting,
    translation, and summarizing, extracting from, translating and answering questions
-   about passages the target wrote itself.
+   about passages the target wrote itself. With `--self-instruct N`, N more requests are
+   written by the target itself: shown four examples of a kind of request (a few-shot
+   list written here), it samples a fifth (self-instruct), which widens the prompts far
+   beyond the templates.
 2. The target answers them greedily (batched, plain decoding) through its chat template.
 3. One target forward per sample gives its features (final hidden states).
 4. An EAGLE head learns to predict the next feature (smooth L1) and the target's next
@@ -171,6 +174,97 @@ PASSAGE_TASKS = (
 )
 
 
+# Few-shot pools for self-instruct prompts: the target, shown four of these, writes a fifth request
+# of its own (sampled). Written for this project; none is a Spec-Bench question.
+SELF_INSTRUCT_POOLS = {
+    "Questions and requests that people sent to an AI assistant": (
+        "How can I improve my time management skills?",
+        "Write a letter to my landlord asking to fix the heating.",
+        "What causes the seasons on Earth?",
+        "Give me a recipe for a vegetarian lasagna.",
+        "Explain the difference between a virus and a bacterium.",
+        "Tell me a story about a lost dog who finds its way home.",
+        "What should I pack for a week of hiking in the mountains?",
+        "Why do cats purr?",
+        "Help me plan a birthday party for a seven-year-old.",
+        "What are some good habits for learning a new language?",
+    ),
+    "Writing tasks that users gave a writing assistant": (
+        "Write a short poem about the first snow of winter.",
+        "Draft a thank-you note to a teacher who helped me pass chemistry.",
+        "Write the opening paragraph of a mystery novel set on a train.",
+        "Write a product description for a waterproof backpack.",
+        "Compose a cover letter for a job as a barista.",
+        "Write a funny toast for my brother's wedding.",
+        "Write a review of an imaginary restaurant that serves only soup.",
+        "Write a motivational message for a team before a big deadline.",
+        "Write a fairy tale about a clockmaker and a talking owl.",
+        "Write an announcement that the office will close early on Friday.",
+    ),
+    "Knowledge questions from students": (
+        "How do vaccines train the immune system?",
+        "What was the main cause of the fall of the Western Roman Empire?",
+        "Why is the sky blue?",
+        "What is the role of mitochondria in a cell?",
+        "How does a bill become a law in a parliament?",
+        "What is the difference between weather and climate?",
+        "Who invented the telescope, and how did it change astronomy?",
+        "What does GDP measure, and what does it leave out?",
+        "How do tides depend on the Moon?",
+        "What is supply and demand?",
+    ),
+    "Math and logic problems from a homework help forum": (
+        "A recipe needs 3 eggs for 12 cookies. How many eggs are needed for 30 cookies?",
+        "If a car uses 6 liters of fuel per 100 km, how much fuel does it need for 250 km?",
+        "Tom is twice as old as his sister. In 5 years the sum of their ages will be 40. How old are they now?",
+        "What is the probability of rolling two sixes with two dice?",
+        "A shop sells pens at 3 for 2 dollars. How much do 18 pens cost?",
+        "Find the area of a circle with a radius of 7 cm.",
+        "Three friends share a bill of 84 dollars and a tip of 15 percent. How much does each pay?",
+        "A tank fills in 6 hours with one pipe and 3 hours with another. How long with both?",
+        "What is the next number in the sequence 2, 6, 12, 20, 30?",
+        "Simplify the fraction 84/126.",
+    ),
+    "Programming questions from developers": (
+        "How do I read a CSV file in Python and compute the average of one column?",
+        "Write a function in JavaScript that debounces another function.",
+        "What is the difference between a list and a tuple in Python?",
+        "Write a SQL query that returns the second highest salary.",
+        "How do I reverse a linked list in C?",
+        "Explain what a race condition is, with an example.",
+        "Write a Python function that merges two sorted lists.",
+        "How can I make an HTTP request in Go?",
+        "What does the 'static' keyword mean in Java?",
+        "Write a regular expression that matches an email address.",
+    ),
+    "Role-play requests that users sent to a chatbot": (
+        "Pretend you are a medieval knight and describe your armor.",
+        "Act as my personal trainer and give me a workout for today.",
+        "You are a detective. Interrogate me about the missing necklace.",
+        "Be a travel agent and sell me a trip to Iceland.",
+        "Pretend to be a grumpy cat explaining why you knocked the vase over.",
+        "Act as a job interviewer for a marketing position and ask me the first question.",
+        "You are an astronaut on Mars. Describe your morning.",
+        "Play the role of a wise old librarian recommending a book.",
+        "Act like a sports commentator describing a chess game.",
+        "Pretend you are a chef on a cooking show making pancakes.",
+    ),
+    "Requests to rewrite, extract or classify text": (
+        "Rewrite this sentence to sound more polite: 'Send me the report now.'",
+        "Extract all the dates from this text: 'We met on May 3 and again on June 10, 2021.'",
+        "Classify the sentiment of this review: 'The battery died after two days.'",
+        "Turn these notes into a paragraph: meeting moved, budget approved, hire two people.",
+        "Correct the spelling: 'Their going too the libary tomorow.'",
+        "Summarize in one sentence: 'The city council voted to build a new park next to the river.'",
+        "Convert this list into a table with columns name and age: Ana 31, Ben 25, Chen 40.",
+        "Translate to Spanish: 'Where is the train station?'",
+        "Give three synonyms for 'happy'.",
+        "Make this paragraph shorter without losing its meaning: 'Due to the fact that it was raining, we decided that we would stay inside.'",
+    ),
+}
+SELF_INSTRUCT_EXAMPLES = 4  # examples shown per request
+
+
 def synth_prompts(n: int, seed: int = 0) -> list[str]:
     """`n` distinct single-turn prompts from the templates above (passage tasks are added later)."""
     rng = random.Random(seed)
@@ -194,6 +288,7 @@ def synth_prompts(n: int, seed: int = 0) -> list[str]:
 @dataclass
 class TrainConfig:
     prompts: int = 640
+    self_instruct: int = 0  # more prompts written by the target itself (`self_instruct_prompts`)
     passage_fraction: float = 0.3  # share of extra prompts built on the target's own passages
     max_tokens: int = 256
     epochs: int = 6
@@ -217,20 +312,24 @@ def _progress(iterable=None, **kw):
 
 
 def _generate(llm, prompts: list[str], max_tokens: int, batch: int, desc: str) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, greedy output ids) per prompt, through the chat template, with `batch`
-    requests in flight (continuous batching: a finished answer's slot takes the next prompt)."""
+    """(prompt ids, greedy output ids) per prompt, through the chat template."""
     from specserve.sampling.params import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens)
-    engine = llm.engine
     ids = [llm.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
+    return _run_requests(llm, ids, [SamplingParams(max_tokens=max_tokens)] * len(ids), batch, desc)
+
+
+def _run_requests(llm, ids: list[list[int]], params: list, batch: int, desc: str) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, output ids) per request, with `batch` requests in flight (continuous
+    batching: a finished request's slot takes the next one)."""
+    engine = llm.engine
     seqs: list = [None] * len(ids)
     bar = _progress(total=len(ids), desc=desc, unit="prompt")
     nxt, live = 0, []
     try:
         while nxt < len(ids) or live:
             while nxt < len(ids) and len(live) < batch:
-                seqs[nxt] = engine.add_request(ids[nxt], params)
+                seqs[nxt] = engine.add_request(ids[nxt], params[nxt])
                 live.append(seqs[nxt])
                 nxt += 1
             engine.step()
@@ -245,6 +344,55 @@ def _generate(llm, prompts: list[str], max_tokens: int, batch: int, desc: str) -
             engine.requests.pop(s.request_id, None)
         bar.close()
     return [(p, list(s.output_ids)) for p, s in zip(ids, seqs)]
+
+
+def _self_instruct_request(text: str, examples: set[str]) -> str | None:
+    """The request in a sampled list item, or None when it is not a usable one."""
+    line = text.split("\n", 1)[0].strip().strip('"').strip()
+    words = line.split()
+    if not 16 <= len(line) <= 400 or len(words) < 4 or line.lower() in examples:
+        return None
+    if not line[0].isalpha() or line[-1] not in ".?!'\")" or "http" in line:
+        return None
+    return line
+
+
+def self_instruct_prompts(llm, n: int, seed: int = 0, batch: int = 32) -> list[str]:
+    """`n` distinct requests written by the target itself (self-instruct).
+
+    Each request shows the target, as raw text without the chat template, a heading and four
+    numbered examples from one of `SELF_INSTRUCT_POOLS`, and samples the fifth item
+    (temperature 1, top-p 0.95, a seed per request). Items that are too short or long, do not
+    read as a sentence, repeat an example or an earlier request are dropped, and rounds go on
+    until there are `n` (at most 40 rounds)."""
+    from specserve.sampling.params import SamplingParams
+
+    if n <= 0:
+        return []
+    rng = random.Random(seed)
+    examples = {q.lower() for pool in SELF_INSTRUCT_POOLS.values() for q in pool}
+    headings = list(SELF_INSTRUCT_POOLS)
+    out: dict[str, None] = {}
+    seen: set[str] = set()
+    for round_ in range(40):
+        missing = n - len(out)
+        if missing <= 0:
+            break
+        texts, params = [], []
+        for i in range(min(2 * missing + 8, 1024)):
+            heading = rng.choice(headings)
+            shown = rng.sample(SELF_INSTRUCT_POOLS[heading], SELF_INSTRUCT_EXAMPLES)
+            texts.append(f"{heading}:\n" + "".join(f"{j + 1}. {q}\n" for j, q in enumerate(shown))
+                         + f"{len(shown) + 1}.")
+            params.append(SamplingParams(max_tokens=64, temperature=1.0, top_p=0.95, stop=["\n"],
+                                         seed=(seed * 1_000_003 + round_) * 4096 + i))
+        done = _run_requests(llm, [llm.encode(t) for t in texts], params, batch, f"self-instruct {round_ + 1}")
+        for _, out_ids in done:
+            request = _self_instruct_request(llm.tokenizer.decode(out_ids), examples)
+            if request is not None and request.lower() not in seen:
+                seen.add(request.lower())
+                out[request] = None
+    return list(out)[:n]
 
 
 FEATURE_TOKENS = 4096  # most tokens per forward while computing the features
@@ -310,12 +458,35 @@ def build_data(llm, cfg: TrainConfig) -> dict[str, Any]:
             passage=passage, passage2=other, topic=rng.choice(TOPICS), lang=rng.choice(LANGUAGES)
         ))
     samples += _generate(llm, extra, cfg.max_tokens, cfg.batch_generate, "passages")
+    data = _samples_data(llm, samples, started)
+    return extend_self_instruct(llm, data, cfg)
+
+
+def _samples_data(llm, samples: list[tuple[list[int], list[int]]], started: float) -> dict[str, Any]:
     feats = target_features(llm.engine.runner.model, [p + o for p, o in samples])
-    tokens = [torch.tensor(p + o, dtype=torch.int32) for p, o in samples]
-    starts = [len(p) for p, _ in samples]
     return {
-        "tokens": tokens, "feats": feats, "response_start": starts,
-        "num_prompts": len(samples), "seconds": time.time() - started,
+        "tokens": [torch.tensor(p + o, dtype=torch.int32) for p, o in samples], "feats": feats,
+        "response_start": [len(p) for p, _ in samples], "num_prompts": len(samples),
+        "seconds": time.time() - started, "self_instruct": 0,
+    }
+
+
+def extend_self_instruct(llm, data: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """Append samples for `cfg.self_instruct` target-written prompts (fewer when `data` already
+    holds some): the target writes the requests, then answers them greedily."""
+    have = data.get("self_instruct", 0)
+    want = cfg.self_instruct - have
+    if want <= 0:
+        return data
+    started = time.time()
+    prompts = self_instruct_prompts(llm, want, seed=cfg.seed + 101 * (have + 1), batch=cfg.batch_generate)
+    part = _samples_data(llm, _generate(llm, prompts, cfg.max_tokens, cfg.batch_generate, "self-instruct answers"),
+                         started)
+    return {
+        **data, "tokens": data["tokens"] + part["tokens"], "feats": data["feats"] + part["feats"],
+        "response_start": data["response_start"] + part["response_start"],
+        "num_prompts": data["num_prompts"] + part["num_prompts"], "seconds": data["seconds"] + part["seconds"],
+        "self_instruct": have + len(prompts),
     }
 
 
@@ -396,6 +567,14 @@ def _prepare(llm, out: Path, cfg: TrainConfig, log) -> Prepared:
     if data_path.is_file():
         data = torch.load(data_path, weights_only=False)
         log(f"data: {data_path} ({data['num_prompts']} samples, reused)")
+        if data.get("self_instruct", 0) < cfg.self_instruct:
+            data = extend_self_instruct(llm, data, cfg)
+            torch.save(data, data_path)
+            log(f"data: extended to {data['num_prompts']} samples ({data['self_instruct']} self-instruct prompts)")
+            stale = out / "checkpoint.pt"
+            if stale.is_file():  # trained on the data before it grew: start over
+                stale.unlink()
+                log(f"checkpoint: {stale} removed (it was trained on the smaller data)")
     else:
         data = build_data(llm, cfg)
         torch.save(data, data_path)
@@ -409,8 +588,9 @@ def _prepare(llm, out: Path, cfg: TrainConfig, log) -> Prepared:
     coverage = float(counts[draft_ids].sum()) / max(int(counts.sum()), 1)
     stats = {
         "data": f"{data['num_prompts']} prompts synthesized by specserve.spec.train (templates and topics, "
-                "passage tasks over the target's own answers; no Spec-Bench question), answered greedily "
-                f"by the target, at most {cfg.max_tokens} new tokens",
+                "passage tasks over the target's own answers, "
+                f"{data.get('self_instruct', 0)} requests written by the target itself; no Spec-Bench question), "
+                f"answered greedily by the target, at most {cfg.max_tokens} new tokens",
         "tokens": sum(len(t) for t in data["tokens"]),
         "response_tokens": sum(len(t) - s for t, s in zip(data["tokens"], data["response_start"])),
         "draft_vocab_coverage": round(coverage, 4),
