@@ -167,3 +167,13 @@ def test_vectorised_costs_equal_the_scalar_ones():
             n = np.arange(num_seqs, num_seqs * 12 + 1)
             for context in (None, 50.0, 2000.0):
                 assert cost.many(num_seqs, n, context) == pytest.approx([cost(num_seqs, int(k), context) for k in n])
+
+
+def test_a_gain_within_the_margin_drafts_nothing():
+    # one draft row makes the step 1.35x dearer, so one draft at acceptance a changes goodput by
+    # (1 + a) / 1.35: +5.2% at a = 0.42, +1.5% at a = 0.37 (below the 3% margin)
+    cost = linear_cost(base=0.01, per_seq=0.0, per_row=0.0035 / 0.65)
+    assert cost(1, 2) / cost(1, 1) == pytest.approx(1.35)
+    assert AdaptiveSpecPolicy(1, cost).plan([0.42], 1) == [1]
+    assert AdaptiveSpecPolicy(1, cost).plan([0.37], 1) == [0]
+    assert AdaptiveSpecPolicy(1, cost, min_gain=0.0).plan([0.37], 1) == [1]

@@ -24,7 +24,10 @@ probability and keeps the count K that maximises goodput
     (S + sum of the chosen a_i^j) / t(K)
 
 so speculation shrinks as the batch grows (the forward stops being flat in n) and
-switches off when it would slow the batch down. A single sequence gets the classic
+switches off when it would slow the batch down. A plan predicted to beat no drafting
+by less than `min_gain` (3%) drafts nothing: near break-even the prediction's error
+(the cost table is measured once, the batch's shapes vary) is as large as the gain, and a
+saturated batch (16+ sequences on 2 cores) would lose as often as it wins. A single sequence gets the classic
 choice of k. Sequences left at zero drafts are re-probed now and then, and their
 estimates drift back toward the prior, so text that becomes predictable is noticed.
 """
@@ -220,6 +223,7 @@ class AdaptiveSpecPolicy:
     prior_weight: float = 4.0
     decay: float = 0.9
     probe_every: int = 8
+    min_gain: float = 0.03  # draft only when the plan beats no drafting by this share of goodput
     _stats: dict[str, _Stats] = field(default_factory=dict)
     _draft_samples: int = 0
     _step_samples: int = 0
@@ -258,6 +262,8 @@ class AdaptiveSpecPolicy:
         for count in range(1, len(rates)):
             if rates[count] > best_rate * 1.001:
                 best_rate, best_count = rates[count], count
+        if best_rate < rates[0] * (1.0 + self.min_gain):
+            best_count = 0  # a gain within the cost model's error is not worth the risk of a loss
         ks = [0] * S
         for _, i in gains[:best_count]:
             ks[i] += 1
