@@ -168,7 +168,7 @@ def build_parser() -> ArgumentParser:
     add("--batch-size", type=_count(1), default=8, metavar="B", help="sequences per step; Medusa: 64 x B feature rows (default: 8)")
     add("--lr", type=_number, default=1e-3, metavar="LR", help="peak learning rate, > 0 (default: 1e-3)")
     add("--draft-vocab", type=_count(16), default=8192, metavar="V", help="draft vocabulary size (default: 8192)")
-    add("--seed", type=int, default=0, metavar="S", help="prompt synthesis and training seed (default: 0)")
+    add("--seed", type=_count(0), default=0, metavar="S", help="prompt synthesis and training seed, >= 0 (default: 0)")
     add("--medusa-heads", type=_count(1), metavar="K", help="with --kind medusa: number of heads (default: 4)")
     add("--medusa-layers", type=_count(1), metavar="L", help="with --kind medusa: residual blocks per head (default: 1)")
     t.set_defaults(func=cmd_train_drafter, parser=t)

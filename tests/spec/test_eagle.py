@@ -203,10 +203,18 @@ def test_train_drafter_end_to_end(llm_fp32, tmp_path):
     assert after["self_instruct"] == 4 and after["num_prompts"] == before["num_prompts"] + 4
     assert len(after["tokens"]) == len(after["feats"]) == len(after["response_start"]) == after["num_prompts"]
     assert all(torch.equal(a, b) for a, b in zip(before["tokens"], after["tokens"]))
+    for ids, feats, start in list(zip(after["tokens"], after["feats"], after["response_start"]))[-4:]:
+        assert feats.shape == (len(ids), before["feats"][0].shape[1]) and 0 < start < len(ids)
+    assert len(after["self_instruct_prompts"]) == 4
     assert any("checkpoint" in line and "removed" in line for line in lines)
     assert any(line.startswith("epoch 1:") for line in lines)
     config = json.loads((out / "config.json").read_text())
     assert "4 requests written by the target itself" in config["training"]["data"]
+    # asking again for as many (or fewer) leaves the data and the checkpoint alone
+    lines.clear()
+    train_eagle(llm_fp32, out, replace(cfg, self_instruct=2), log=lines.append)
+    assert torch.load(out / "data.pt", weights_only=False)["num_prompts"] == after["num_prompts"]
+    assert not any("removed" in line or line.startswith("epoch") for line in lines)
 
 
 def test_self_instruct_requests_are_filtered():
@@ -245,6 +253,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         (["train-drafter", "--out", "x", "--lr", "0"], "--lr must be > 0"),
         (["train-drafter", "--out", "x", "--target", "/nonexistent"], "--target: path does not exist"),
         (["train-drafter", "--out", "x", "--epochs", "0"], "--epochs"),
+        (["train-drafter", "--out", "x", "--seed", "-1"], "--seed"),
+        (["train-drafter", "--out", "x", "--self-instruct", "-5"], "--self-instruct"),
         (["generate", "--spec", "eagle:/nonexistent", "hi"], "eagle head directory does not exist"),
     ],
 )

@@ -27,7 +27,9 @@ so speculation shrinks as the batch grows (the forward stops being flat in n) an
 switches off when it would slow the batch down. A plan predicted to beat no drafting
 by less than `min_gain` (3%) drafts nothing: near break-even the prediction's error
 (the cost table is measured once, the batch's shapes vary) is as large as the gain, and a
-saturated batch (16+ sequences on 2 cores) would lose as often as it wins. A single sequence gets the classic
+saturated batch (16+ sequences on 2 cores) would lose as often as it wins. The margin is a share of the
+whole batch's goodput, so in a large batch one predictable sequence may go undrafted
+when drafting for it alone would gain less than that share. A single sequence gets the classic
 choice of k. Sequences left at zero drafts are re-probed now and then, and their
 estimates drift back toward the prior, so text that becomes predictable is noticed.
 """

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -357,14 +358,14 @@ def _self_instruct_request(text: str, examples: set[str]) -> str | None:
     return line
 
 
-def self_instruct_prompts(llm, n: int, seed: int = 0, batch: int = 32) -> list[str]:
+def self_instruct_prompts(llm, n: int, seed: int = 0, batch: int = 32, exclude: Sequence[str] = ()) -> list[str]:
     """`n` distinct requests written by the target itself (self-instruct).
 
     Each request shows the target, as raw text without the chat template, a heading and four
     numbered examples from one of `SELF_INSTRUCT_POOLS`, and samples the fifth item
     (temperature 1, top-p 0.95, a seed per request). Items that are too short or long, do not
-    read as a sentence, repeat an example or an earlier request are dropped, and rounds go on
-    until there are `n` (at most 40 rounds)."""
+    read as a sentence, repeat an example, an earlier request or one of `exclude` are dropped,
+    and rounds go on until there are `n` (at most 40 rounds: fewer may come back)."""
     from specserve.sampling.params import SamplingParams
 
     if n <= 0:
@@ -373,7 +374,7 @@ def self_instruct_prompts(llm, n: int, seed: int = 0, batch: int = 32) -> list[s
     examples = {q.lower() for pool in SELF_INSTRUCT_POOLS.values() for q in pool}
     headings = list(SELF_INSTRUCT_POOLS)
     out: dict[str, None] = {}
-    seen: set[str] = set()
+    seen: set[str] = {q.lower() for q in exclude}
     for round_ in range(40):
         missing = n - len(out)
         if missing <= 0:
@@ -385,7 +386,7 @@ def self_instruct_prompts(llm, n: int, seed: int = 0, batch: int = 32) -> list[s
             texts.append(f"{heading}:\n" + "".join(f"{j + 1}. {q}\n" for j, q in enumerate(shown))
                          + f"{len(shown) + 1}.")
             params.append(SamplingParams(max_tokens=64, temperature=1.0, top_p=0.95, stop=["\n"],
-                                         seed=(seed * 1_000_003 + round_) * 4096 + i))
+                                         seed=((seed * 1_000_003 + round_) * 4096 + i) % 2**64))
         done = _run_requests(llm, [llm.encode(t) for t in texts], params, batch, f"self-instruct {round_ + 1}")
         for _, out_ids in done:
             request = _self_instruct_request(llm.tokenizer.decode(out_ids), examples)
@@ -458,8 +459,7 @@ def build_data(llm, cfg: TrainConfig) -> dict[str, Any]:
             passage=passage, passage2=other, topic=rng.choice(TOPICS), lang=rng.choice(LANGUAGES)
         ))
     samples += _generate(llm, extra, cfg.max_tokens, cfg.batch_generate, "passages")
-    data = _samples_data(llm, samples, started)
-    return extend_self_instruct(llm, data, cfg)
+    return _samples_data(llm, samples, started)
 
 
 def _samples_data(llm, samples: list[tuple[list[int], list[int]]], started: float) -> dict[str, Any]:
@@ -467,27 +467,42 @@ def _samples_data(llm, samples: list[tuple[list[int], list[int]]], started: floa
     return {
         "tokens": [torch.tensor(p + o, dtype=torch.int32) for p, o in samples], "feats": feats,
         "response_start": [len(p) for p, _ in samples], "num_prompts": len(samples),
-        "seconds": time.time() - started, "self_instruct": 0,
+        "seconds": time.time() - started, "self_instruct": 0, "self_instruct_prompts": [],
     }
+
+
+def _self_instruct_asked(data: dict[str, Any]) -> int:
+    """How many self-instruct prompts `data` was extended for (it may hold fewer)."""
+    return max(data.get("self_instruct_asked", 0), data.get("self_instruct", 0))
 
 
 def extend_self_instruct(llm, data: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     """Append samples for `cfg.self_instruct` target-written prompts (fewer when `data` already
     holds some): the target writes the requests, then answers them greedily."""
     have = data.get("self_instruct", 0)
-    want = cfg.self_instruct - have
+    want = cfg.self_instruct - _self_instruct_asked(data)
     if want <= 0:
         return data
     started = time.time()
-    prompts = self_instruct_prompts(llm, want, seed=cfg.seed + 101 * (have + 1), batch=cfg.batch_generate)
+    earlier = data.get("self_instruct_prompts", [])
+    prompts = self_instruct_prompts(llm, want, seed=cfg.seed + 101 * (have + 1), batch=cfg.batch_generate,
+                                    exclude=earlier)
     part = _samples_data(llm, _generate(llm, prompts, cfg.max_tokens, cfg.batch_generate, "self-instruct answers"),
                          started)
     return {
         **data, "tokens": data["tokens"] + part["tokens"], "feats": data["feats"] + part["feats"],
         "response_start": data["response_start"] + part["response_start"],
         "num_prompts": data["num_prompts"] + part["num_prompts"], "seconds": data["seconds"] + part["seconds"],
-        "self_instruct": have + len(prompts),
+        "self_instruct": have + len(prompts), "self_instruct_asked": cfg.self_instruct,
+        "self_instruct_prompts": [*earlier, *prompts],
     }
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file, so a stopped write never leaves a broken file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def draft_vocabulary(data: dict[str, Any], size: int, eos_ids: list[int], vocab_size: int) -> torch.Tensor:
@@ -567,18 +582,21 @@ def _prepare(llm, out: Path, cfg: TrainConfig, log) -> Prepared:
     if data_path.is_file():
         data = torch.load(data_path, weights_only=False)
         log(f"data: {data_path} ({data['num_prompts']} samples, reused)")
-        if data.get("self_instruct", 0) < cfg.self_instruct:
-            data = extend_self_instruct(llm, data, cfg)
-            torch.save(data, data_path)
-            log(f"data: extended to {data['num_prompts']} samples ({data['self_instruct']} self-instruct prompts)")
-            stale = out / "checkpoint.pt"
-            if stale.is_file():  # trained on the data before it grew: start over
-                stale.unlink()
-                log(f"checkpoint: {stale} removed (it was trained on the smaller data)")
     else:
         data = build_data(llm, cfg)
-        torch.save(data, data_path)
+        _save_atomic(data, data_path)  # kept even if the self-instruct part below fails
         log(f"data: {data['num_prompts']} samples generated in {data['seconds'] / 60:.1f} min")
+    if _self_instruct_asked(data) < cfg.self_instruct:
+        stale = out / "checkpoint.pt"
+        if stale.is_file():  # trained on the data before it grows: start over
+            stale.unlink()
+            log(f"checkpoint: {stale} removed (it was trained on the smaller data)")
+        have = data.get("self_instruct", 0)
+        data = extend_self_instruct(llm, data, cfg)
+        _save_atomic(data, data_path)
+        got = data["self_instruct"] - have
+        short = f"; only {got} of {cfg.self_instruct - have} asked passed the filter" if got < cfg.self_instruct - have else ""
+        log(f"data: extended to {data['num_prompts']} samples ({data['self_instruct']} self-instruct prompts{short})")
     draft_ids = draft_vocabulary(data, cfg.draft_vocab, sorted(llm.engine.eos_ids), mcfg.vocab_size)
     to_draft = torch.full((mcfg.vocab_size,), -100, dtype=torch.long)
     to_draft[draft_ids] = torch.arange(len(draft_ids))
