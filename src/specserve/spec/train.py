@@ -591,11 +591,11 @@ def _prepare(llm, out: Path, cfg: TrainConfig, log) -> Prepared:
         if stale.is_file():  # trained on the data before it grows: start over
             stale.unlink()
             log(f"checkpoint: {stale} removed (it was trained on the smaller data)")
-        have = data.get("self_instruct", 0)
+        have, want = data.get("self_instruct", 0), cfg.self_instruct - _self_instruct_asked(data)
         data = extend_self_instruct(llm, data, cfg)
         _save_atomic(data, data_path)
         got = data["self_instruct"] - have
-        short = f"; only {got} of {cfg.self_instruct - have} asked passed the filter" if got < cfg.self_instruct - have else ""
+        short = f"; only {got} of {want} asked passed the filter" if got < want else ""
         log(f"data: extended to {data['num_prompts']} samples ({data['self_instruct']} self-instruct prompts{short})")
     draft_ids = draft_vocabulary(data, cfg.draft_vocab, sorted(llm.engine.eos_ids), mcfg.vocab_size)
     to_draft = torch.full((mcfg.vocab_size,), -100, dtype=torch.long)
