@@ -37,39 +37,16 @@ estimates drift back toward the prior, so text that becomes predictable is notic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
 
-class SpecPolicy(Protocol):
-    def budgets(self, request_ids: list[str], other_tokens: int, context: float | None = None) -> list[int]: ...
-
-    def update(self, request_id: str, drafted: int, accepted: int) -> None: ...
-
-    def observe_draft_time(self, seconds: float, num_tokens: int) -> None: ...
-
-    def observe_step(
-        self,
-        num_seqs: int,
-        num_tokens: int,
-        seconds: float,
-        forward_seconds: float | None = None,
-        drafted: int = 0,
-        decoding: int | None = None,
-    ) -> None: ...
-
-    def release(self, request_id: str) -> None: ...
-
-
-@dataclass
-class FixedSpecPolicy:
-    """Always the same draft budget (the drafter may still propose fewer)."""
-
-    k: int
+class SpecPolicy:
+    """Draft budgets per step. The learning hooks do nothing here: a policy that learns
+    from acceptance and step times (`AdaptiveSpecPolicy`) overrides them."""
 
     def budgets(self, request_ids: list[str], other_tokens: int, context: float | None = None) -> list[int]:
-        return [self.k] * len(request_ids)
+        raise NotImplementedError
 
     def update(self, request_id: str, drafted: int, accepted: int) -> None:
         pass
@@ -90,6 +67,16 @@ class FixedSpecPolicy:
 
     def release(self, request_id: str) -> None:
         pass
+
+
+@dataclass
+class FixedSpecPolicy(SpecPolicy):
+    """Always the same draft budget (the drafter may still propose fewer)."""
+
+    k: int
+
+    def budgets(self, request_ids: list[str], other_tokens: int, context: float | None = None) -> list[int]:
+        return [self.k] * len(request_ids)
 
 
 @dataclass(frozen=True)
@@ -209,7 +196,7 @@ class _Stats:
 
 
 @dataclass
-class AdaptiveSpecPolicy:
+class AdaptiveSpecPolicy(SpecPolicy):
     """Load-aware draft lengths from acceptance history and a measured cost model.
 
     `verify_cost` is the measured target forward time by batch shape; `draft_cost` the

@@ -27,10 +27,10 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -505,14 +505,21 @@ def _save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def draft_vocabulary(data: dict[str, Any], size: int, eos_ids: list[int], vocab_size: int) -> torch.Tensor:
-    """The `size` tokens the target emitted most (its EOS ids always in), ascending ids."""
+def response_counts(data: dict[str, Any], vocab_size: int) -> torch.Tensor:
+    """How often the target emitted each token id in its answers `[vocab_size]`."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for ids, start in zip(data["tokens"], data["response_start"]):
         counts += torch.bincount(ids[start:].long(), minlength=vocab_size)
+    return counts
+
+
+def draft_vocabulary(counts: torch.Tensor, size: int, eos_ids: list[int]) -> torch.Tensor:
+    """The `size` tokens the target emitted most by `response_counts` (its EOS ids always in),
+    ascending ids."""
+    counts = counts.clone()
     for e in eos_ids:
         counts[e] = counts.max() + 1
-    size = min(size, vocab_size)
+    size = min(size, counts.numel())
     return torch.topk(counts, size).indices.sort().values
 
 
@@ -597,12 +604,10 @@ def _prepare(llm, out: Path, cfg: TrainConfig, log) -> Prepared:
         got = data["self_instruct"] - have
         short = f"; only {got} of {want} asked passed the filter" if got < want else ""
         log(f"data: extended to {data['num_prompts']} samples ({data['self_instruct']} self-instruct prompts{short})")
-    draft_ids = draft_vocabulary(data, cfg.draft_vocab, sorted(llm.engine.eos_ids), mcfg.vocab_size)
+    counts = response_counts(data, mcfg.vocab_size)
+    draft_ids = draft_vocabulary(counts, cfg.draft_vocab, sorted(llm.engine.eos_ids))
     to_draft = torch.full((mcfg.vocab_size,), -100, dtype=torch.long)
     to_draft[draft_ids] = torch.arange(len(draft_ids))
-    counts = torch.zeros(mcfg.vocab_size, dtype=torch.long)
-    for ids, start in zip(data["tokens"], data["response_start"]):
-        counts += torch.bincount(ids[start:].long(), minlength=mcfg.vocab_size)
     coverage = float(counts[draft_ids].sum()) / max(int(counts.sum()), 1)
     stats = {
         "data": f"{data['num_prompts']} prompts synthesized by specserve.spec.train (templates and topics, "
