@@ -30,6 +30,7 @@ from specserve.spec import (
     SpecPolicy,
     make_drafter,
     measure_forward_cost,
+    split_hybrid,
 )
 
 Prompt = Union[str, list[int]]
@@ -181,7 +182,8 @@ class LLM:
         if spec is None:
             return SpecSetup(None, None, None, FixedSpecPolicy(0))
         if num_spec_tokens is None:
-            num_spec_tokens = 8 if spec in ("ngram", "suffix") else 10 if spec.partition(":")[0] in ("eagle", "medusa") else 4
+            model = split_hybrid(spec)[1]  # a hybrid drafts what its model drafter would
+            num_spec_tokens = 8 if model in ("ngram", "suffix") else 10 if model.partition(":")[0] in ("eagle", "medusa") else 4
         runner = self.engine.runner
         drafter = make_drafter(spec, runner, self.tokenizer, num_spec_tokens, self.max_num_seqs)
         if adaptive:

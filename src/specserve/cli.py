@@ -112,8 +112,9 @@ def build_parser() -> ArgumentParser:
     add(
         "--spec",
         metavar="METHOD",
-        help="speculative decoding: ngram, suffix, draft-model:PATH, layer-skip[:L1,L2,...], eagle[:DIR] or "
-        "medusa[:DIR] (default: off)",
+        help="speculative decoding: ngram, suffix, draft-model:PATH, layer-skip[:L1,L2,...], eagle[:DIR], "
+        "medusa[:DIR], or ngram+MODEL / suffix+MODEL (copy where the context repeats, MODEL otherwise; "
+        "e.g. ngram+eagle) (default: off)",
     )
     add(
         "--num-spec-tokens",
@@ -292,11 +293,14 @@ def _check_spec(parser: ArgumentParser, spec: str | None) -> None:
     """What can be told of `--spec` without the model: the method's name, a draft model path that exists."""
     if spec is None:
         return
-    from specserve.spec import SPEC_METHODS
+    from specserve.spec import RETRIEVAL, SPEC_METHODS, split_hybrid
 
-    name, colon, arg = spec.partition(":")
     choices = ", ".join(SPEC_METHODS)
-    if name in ("ngram", "suffix"):
+    lead, spec = split_hybrid(spec)
+    name, colon, arg = spec.partition(":")
+    if lead is not None and (name in RETRIEVAL or split_hybrid(spec)[0] is not None):
+        parser.error(f"--spec: {lead}+ pairs with a model drafter (eagle, medusa, draft-model, layer-skip), got {spec!r}")
+    if name in RETRIEVAL:
         if colon:
             parser.error(f"--spec: {name} takes no argument, got {spec!r}")
     elif name == "draft-model":
@@ -646,7 +650,8 @@ def _add_serve_commands(commands, kinds) -> None:
     )
     _model_options(s, "weights and compute dtype")
     add = s.add_argument
-    add("--spec", metavar="METHOD", help="speculative decoding: ngram, suffix, draft-model:PATH or layer-skip[:L,...]")
+    add("--spec", metavar="METHOD", help="speculative decoding: ngram, suffix, draft-model:PATH, layer-skip[:L,...], "
+        "eagle[:DIR], medusa[:DIR], or ngram+MODEL / suffix+MODEL (e.g. ngram+eagle)")
     add("--num-spec-tokens", type=_spec_tokens, metavar="N", help="most draft tokens per step, in [1, 32]")
     add("--no-adaptive-spec", dest="adaptive_spec", action="store_false", help="always draft --num-spec-tokens tokens")
     add("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")

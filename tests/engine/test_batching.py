@@ -77,7 +77,7 @@ def draft_dir(tmp_path_factory, gguf_path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("concurrency", [1, 4, 16])
-@pytest.mark.parametrize("spec", [None, "ngram", "suffix", "draft-model", "layer-skip"])
+@pytest.mark.parametrize("spec", [None, "ngram", "suffix", "draft-model", "layer-skip", "ngram+eagle"])
 def test_batched_greedy_equals_alone(spec, concurrency, llm_bf16, batch_requests, alone_reference, draft_dir):
     if spec is None and concurrency == 1:
         pytest.skip("this is the reference itself")

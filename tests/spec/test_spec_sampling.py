@@ -137,10 +137,10 @@ def _generate_many(llm: LLM, params_list: list[SamplingParams]):
 
 
 def spec_name(spec: str, draft_path: str) -> str:
-    return f"draft-model:{draft_path}" if spec == "draft-model" else spec
+    return spec.replace("draft-model", f"draft-model:{draft_path}") if spec.endswith("draft-model") else spec
 
 
-SPECS = ["ngram", "suffix", "draft-model", "layer-skip:1,2"]
+SPECS = ["ngram", "suffix", "draft-model", "layer-skip:1,2", "ngram+draft-model"]
 
 
 @pytest.mark.parametrize("temperature,top_p", [(0.7, 0.9), (1.0, 1.0)])
@@ -152,6 +152,8 @@ def test_speculative_sampling_matches_plain_distribution(spec, temperature, top_
     expected = exact_distribution(llm, params)
     counts, drafted = run_samples(llm, params)
     assert drafted > SAMPLES // 2, f"{spec} drafted only {drafted} tokens: the test would not exercise verification"
+    if "+" in spec:  # a hybrid: both the copied chains (one-hot q) and the draft model's (its q) were verified
+        assert llm.engine.drafter.copied_steps > 0 and llm.engine.drafter.model_steps > 0
     rejects, stat, critical = chi_square_rejects(counts, expected, SAMPLES)
     assert not rejects, f"{spec}: chi-square {stat:.1f} > critical {critical:.1f}"
 

@@ -20,7 +20,7 @@ from specserve.model import native
 from specserve.sampling.params import SamplingParams
 
 # what `LLM.build_spec` drafts at most per step when no length is given
-DEFAULT_DRAFT_LENGTHS = "8 (ngram/suffix), 10 tree nodes (eagle/medusa) or 4 (draft-model/layer-skip)"
+DEFAULT_DRAFT_LENGTHS = "8 (ngram/suffix), 10 tree nodes (eagle/medusa, alone or after ngram/suffix) or 4 (draft-model/layer-skip)"
 
 
 @dataclass

@@ -4,7 +4,8 @@ Every runner follows `records.MethodRunner`: same prompt token ids in, a `Genera
 out, greedy, at most `max_tokens` new tokens, stopping at the model's EOS ids unless
 `ignore_eos` (the same EOS set for every method: the target's, as specserve reads it).
 
-Ours: `plain`, `ngram`, `suffix`, `draft-model`, `layer-skip`, `eagle`, `medusa` (the packaged heads). Peers, each on the same
+Ours: `plain`, `ngram`, `suffix`, `draft-model`, `layer-skip`, `eagle`, `medusa` (the packaged heads),
+`ngram+eagle`, `suffix+eagle` (copy where the context repeats, the EAGLE head otherwise). Peers, each on the same
 model file: `transformers`, `transformers+prompt-lookup`, `transformers+assisted`
 (`assistant_model` = our draft model), `llama.cpp`, `llama.cpp+prompt-lookup`
 (`LlamaPromptLookupDecoding`). Peers are optional: a peer whose package is missing is
@@ -24,7 +25,7 @@ from specserve.bench.common import parse_method_list
 from specserve.bench.records import PLAIN, Generation
 from specserve.sampling.params import SamplingParams
 
-OURS = (PLAIN, "ngram", "suffix", "draft-model", "layer-skip", "eagle", "medusa")
+OURS = (PLAIN, "ngram", "suffix", "draft-model", "layer-skip", "eagle", "medusa", "ngram+eagle", "suffix+eagle")
 TRANSFORMERS = "transformers"
 LLAMA_CPP = "llama.cpp"
 PEER_METHODS: dict[str, str] = {  # method -> peer

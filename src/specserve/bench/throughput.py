@@ -102,12 +102,12 @@ def parse_levels(text: str) -> list[int]:
 
 
 def parse_methods(text: str) -> list[str]:
-    from specserve.spec import SPEC_METHODS
+    from specserve.spec import SPEC_METHODS, split_hybrid
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
     for m in methods:
         base = m.removesuffix(LOAD_AWARE)
-        if m != "off" and base.split(":")[0] not in {name.split(":")[0].split("[")[0] for name in SPEC_METHODS}:
+        if m != "off" and split_hybrid(base)[1].split(":")[0] not in {name.split(":")[0].split("[")[0] for name in SPEC_METHODS}:
             raise ValueError(
                 f"--methods: unknown method {m!r}; use off, a drafter ({', '.join(SPEC_METHODS)}) "
                 f"or a drafter with {LOAD_AWARE}"

@@ -11,9 +11,22 @@ from specserve.engine.runner import ForwardItem, ModelRunner
 from specserve.spec.base import Drafter, DraftProposal, SequenceView
 from specserve.spec.policy import AdaptiveSpecPolicy, FixedSpecPolicy, ForwardCost, SpecPolicy
 
-SPEC_METHODS = ("ngram", "suffix", "draft-model:PATH", "layer-skip[:L1,L2,...]", "eagle[:DIR]", "medusa[:DIR]")
+SPEC_METHODS = (
+    "ngram", "suffix", "draft-model:PATH", "layer-skip[:L1,L2,...]", "eagle[:DIR]", "medusa[:DIR]",
+    "ngram+MODEL", "suffix+MODEL",
+)
+RETRIEVAL = ("ngram", "suffix")  # the drafters that can lead a hybrid: RETRIEVAL+MODEL (MODEL: any other method)
+
+
+def split_hybrid(spec: str) -> tuple[str | None, str]:
+    """`"ngram+eagle:DIR"` -> `("ngram", "eagle:DIR")`; a spec without a retrieval lead -> `(None, spec)`."""
+    lead, plus, rest = spec.partition("+")
+    if plus and lead in RETRIEVAL:
+        return lead, rest
+    return None, spec
 
 __all__ = [
+    "RETRIEVAL",
     "SPEC_METHODS",
     "AdaptiveSpecPolicy",
     "DraftProposal",
@@ -24,6 +37,7 @@ __all__ = [
     "SpecPolicy",
     "make_drafter",
     "measure_forward_cost",
+    "split_hybrid",
     "timed_forwards",
 ]
 
@@ -38,6 +52,17 @@ def make_drafter(
     """Build the drafter named by `spec`; any problem is an error here, at start-up."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"spec must be one of {', '.join(SPEC_METHODS)}, got {spec!r}")
+    lead, rest = split_hybrid(spec)
+    if lead is not None:
+        if split_hybrid(rest)[0] is not None or rest.partition(":")[0] in RETRIEVAL:
+            raise ValueError(f"spec {spec!r}: a hybrid pairs one of {', '.join(RETRIEVAL)} with a model drafter "
+                             "(eagle, medusa, draft-model, layer-skip)")
+        from specserve.spec.hybrid import HybridDrafter
+
+        return HybridDrafter(
+            make_drafter(lead, runner, tokenizer, num_spec_tokens, num_slots),
+            make_drafter(rest, runner, tokenizer, num_spec_tokens, num_slots),
+        )
     name, _, arg = spec.partition(":")
     model = runner.model
     if name == "ngram" and not arg:

@@ -127,9 +127,10 @@ class NgramDrafter:
 
     # ---------------------------------------------------------------- protocol
 
-    def _propose_one(self, state: _NgramState, tokens: list[int], k: int) -> list[int]:
-        """Up to `k` tokens continuing the most recent earlier occurrence of the
-        longest matching suffix; [] when no suffix of >= min_ngram tokens recurs."""
+    def _propose_one(self, state: _NgramState, tokens: list[int], k: int) -> tuple[list[int], int]:
+        """(up to `k` tokens continuing the most recent earlier occurrence of the
+        longest matching suffix, that suffix's length); ([], 0) when no suffix of
+        >= min_ngram tokens recurs."""
         n_tok = len(tokens)
         index = state.index
         for n in range(min(self.max_ngram, n_tok - 1), self.min_ngram - 1, -1):
@@ -141,8 +142,8 @@ class NgramDrafter:
             for i in range(k):
                 j = src + i
                 out.append(tokens[j] if j < n_tok else out[j - n_tok])
-            return out
-        return []
+            return out, n
+        return [], 0
 
     def propose(self, seqs: Seq[SequenceView], budgets: Seq[int]) -> DraftProposal:
         """One draft chain per sequence, each at most ``min(budgets[i], num_spec_tokens)``
@@ -154,9 +155,16 @@ class NgramDrafter:
             if k <= 0 or not seq.token_ids:
                 drafts.append([])
                 continue
-            state = self._sync(seq.request_id, seq.token_ids)
-            drafts.append(self._propose_one(state, seq.token_ids, k))
+            drafts.append(self.lookup(seq, k)[0])
         return DraftProposal(token_ids=drafts)
+
+    def lookup(self, seq: SequenceView, k: int) -> tuple[list[int], int]:
+        """(a chain of at most `k` tokens, the length of the context suffix it continues):
+        the match length is the evidence a hybrid drafter weighs (`specserve.spec.hybrid`)."""
+        if k <= 0 or not seq.token_ids:
+            return [], 0
+        state = self._sync(seq.request_id, seq.token_ids)
+        return self._propose_one(state, seq.token_ids, min(k, self.num_spec_tokens))
 
     def observe(self, seqs: Seq[SequenceView], num_accepted: Seq[int]) -> None:
         """No-op: the index catches up lazily on the next `propose`."""

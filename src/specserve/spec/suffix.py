@@ -487,7 +487,7 @@ class SuffixDrafter:
         """Adaptive length: ``min(k, ceil(alpha * match_len))``."""
         return min(k, math.ceil(self.alpha * match_len - 1e-9))
 
-    def _propose_one(self, state: _RequestState, k: int) -> list[int]:
+    def _propose_one(self, state: _RequestState, k: int) -> tuple[list[int], int]:
         tail = state.tokens[-(self.max_depth - 1) :]
         best: tuple[float, int, int, list[int]] | None = None  # (score, m, prefer, tokens)
 
@@ -512,7 +512,7 @@ class SuffixDrafter:
                 )
                 if chain and (best is None or (score, m, 0) > best[:3]):
                     best = (score, m, 0, chain)
-        return [] if best is None else best[3]
+        return ([], 0) if best is None else (best[3], best[1])
 
     # ----------------------------------------------------------------- protocol
 
@@ -532,8 +532,15 @@ class SuffixDrafter:
             if k == 0 or not seq.token_ids:
                 drafts.append([])
                 continue
-            drafts.append(self._propose_one(self._sync(seq), k))
+            drafts.append(self._propose_one(self._sync(seq), k)[0])
         return DraftProposal(token_ids=drafts)
+
+    def lookup(self, seq: SequenceView, k: int) -> tuple[list[int], int]:
+        """(a chain of at most `k` tokens, the length of the context suffix it continues):
+        the match length is the evidence a hybrid drafter weighs (`specserve.spec.hybrid`)."""
+        if k <= 0 or not seq.token_ids:
+            return [], 0
+        return self._propose_one(self._sync(seq), min(k, self.num_spec_tokens))
 
     def observe(self, seqs: Seq[SequenceView], num_accepted: Seq[int]) -> None:
         """Sync each request's trie with its updated tokens (so that `release` sees
