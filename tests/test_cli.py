@@ -98,6 +98,9 @@ def test_bad_flags(args, flag):
         ["--spec", "draft-model"],
         ["--spec", "ngram:3"],
         ["--spec", "layer-skip:a,b"],
+        ["--spec", "ngram+suffix"],
+        ["--spec", "ngram+eagle:/nonexistent"],
+        ["--spec", "suffix+bogus"],
         ["--spec", "ngram", "--num-spec-tokens", "0"],
         ["--spec", "ngram", "--num-spec-tokens", "33"],
         ["--num-spec-tokens", "4"],  # without --spec
@@ -115,6 +118,11 @@ def test_bad_spec_fails_before_loading(args):
 def test_unknown_spec_names_the_choices():
     proc = cli("generate", "--spec", "bogus", "Hello")
     assert "error: --spec: unknown method 'bogus'" in proc.stderr and "draft-model:PATH" in proc.stderr
+
+
+def test_bad_hybrid_spec_names_the_whole_spec():
+    proc = cli("generate", "--spec", "ngram+suffix", "Hello")
+    assert "error: --spec: ngram+ pairs with a model drafter" in proc.stderr and "'ngram+suffix'" in proc.stderr
 
 
 def test_temperature_error_echoes_value():

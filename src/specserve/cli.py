@@ -293,13 +293,14 @@ def _check_spec(parser: ArgumentParser, spec: str | None) -> None:
     """What can be told of `--spec` without the model: the method's name, a draft model path that exists."""
     if spec is None:
         return
-    from specserve.spec import RETRIEVAL, SPEC_METHODS, split_hybrid
+    from specserve.spec import RETRIEVAL, SPEC_METHODS, hybrid_error, split_hybrid
 
     choices = ", ".join(SPEC_METHODS)
-    lead, spec = split_hybrid(spec)
+    why = hybrid_error(spec)
+    if why is not None:
+        parser.error(f"--spec: {why}")
+    spec = split_hybrid(spec)[1]  # a hybrid's model drafter is checked like the method alone
     name, colon, arg = spec.partition(":")
-    if lead is not None and (name in RETRIEVAL or split_hybrid(spec)[0] is not None):
-        parser.error(f"--spec: {lead}+ pairs with a model drafter (eagle, medusa, draft-model, layer-skip), got {spec!r}")
     if name in RETRIEVAL:
         if colon:
             parser.error(f"--spec: {name} takes no argument, got {spec!r}")

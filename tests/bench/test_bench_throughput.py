@@ -21,6 +21,11 @@ def test_parse_methods_and_levels():
     assert parse_levels("1, 4,16") == [1, 4, 16]
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         parse_methods("nope")
+    assert parse_methods("ngram+eagle+load-aware,suffix+eagle:/dir") == ["off", "ngram+eagle+load-aware", "suffix+eagle:/dir"]
+    with pytest.raises(ValueError, match="pairs with a model drafter"):
+        parse_methods("ngram+suffix+load-aware")
+    with pytest.raises(ValueError, match="unknown method 'ngram\\+bogus'"):
+        parse_methods("ngram+bogus")
     with pytest.raises(ValueError, match="--concurrency"):
         parse_levels("1,x")
     with pytest.raises(ValueError, match=">= 1"):

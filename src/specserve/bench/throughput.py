@@ -102,11 +102,13 @@ def parse_levels(text: str) -> list[int]:
 
 
 def parse_methods(text: str) -> list[str]:
-    from specserve.spec import SPEC_METHODS, split_hybrid
+    from specserve.spec import SPEC_METHODS, hybrid_error, split_hybrid
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
     for m in methods:
         base = m.removesuffix(LOAD_AWARE)
+        if hybrid_error(base) is not None:
+            raise ValueError(f"--methods: {hybrid_error(base)}")
         if m != "off" and split_hybrid(base)[1].split(":")[0] not in {name.split(":")[0].split("[")[0] for name in SPEC_METHODS}:
             raise ValueError(
                 f"--methods: unknown method {m!r}; use off, a drafter ({', '.join(SPEC_METHODS)}) "

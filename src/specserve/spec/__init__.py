@@ -25,6 +25,15 @@ def split_hybrid(spec: str) -> tuple[str | None, str]:
         return lead, rest
     return None, spec
 
+
+def hybrid_error(spec: str) -> str | None:
+    """Why `spec` is not a valid hybrid (`RETRIEVAL+MODEL`), or None (also for a plain method)."""
+    lead, model = split_hybrid(spec)
+    if lead is not None and (model.partition(":")[0] in RETRIEVAL or split_hybrid(model)[0] is not None):
+        return f"{lead}+ pairs with a model drafter (eagle, medusa, draft-model, layer-skip), got {spec!r}"
+    return None
+
+
 __all__ = [
     "RETRIEVAL",
     "SPEC_METHODS",
@@ -36,6 +45,7 @@ __all__ = [
     "SequenceView",
     "SpecPolicy",
     "make_drafter",
+    "hybrid_error",
     "measure_forward_cost",
     "split_hybrid",
     "timed_forwards",
@@ -54,9 +64,9 @@ def make_drafter(
         raise ValueError(f"spec must be one of {', '.join(SPEC_METHODS)}, got {spec!r}")
     lead, rest = split_hybrid(spec)
     if lead is not None:
-        if split_hybrid(rest)[0] is not None or rest.partition(":")[0] in RETRIEVAL:
-            raise ValueError(f"spec {spec!r}: a hybrid pairs one of {', '.join(RETRIEVAL)} with a model drafter "
-                             "(eagle, medusa, draft-model, layer-skip)")
+        why = hybrid_error(spec)
+        if why is not None:
+            raise ValueError(f"spec: {why}")
         from specserve.spec.hybrid import HybridDrafter
 
         return HybridDrafter(
