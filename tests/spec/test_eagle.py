@@ -27,6 +27,7 @@ PROMPTS = [
     "Describe how a bicycle gear works.",
     "Give a short recipe for pancakes.",
     "Write a Python function that reverses a list.",
+    "Repeat this sentence exactly, twice: the quick brown fox jumps over the lazy dog.",  # copying pays
 ]
 
 
@@ -117,17 +118,25 @@ needs_head = pytest.mark.skipif(not (DEFAULT_EAGLE / "head.safetensors").is_file
 
 
 @needs_head
-def test_packaged_head_greedy_equals_plain_fp32_batched(llm_fp32):
+@pytest.mark.parametrize("spec", ["eagle", "ngram+eagle"])  # the head alone, and after copying (spec/hybrid.py)
+def test_packaged_head_greedy_equals_plain_fp32_batched(llm_fp32, spec):
     llm = llm_fp32
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
     params = SamplingParams(max_tokens=64)
     plain = llm.generate(prompts, params)
-    out = _eagle_outputs(llm, DEFAULT_EAGLE, prompts, params)  # all six in one batch
+    llm.set_spec(spec, 10, False)
+    drafter = llm.engine.drafter
+    try:
+        out = llm.generate(prompts, params)  # all seven in one batch
+    finally:
+        llm.set_spec(None)
     for p, o in zip(plain, out):
         assert o.token_ids == p.token_ids
     accepted = sum(o.metrics.accepted_tokens for o in out)
     forwards = sum(o.metrics.forward_passes for o in out)
     assert (accepted + forwards) / forwards > 1.2  # the trained head drafts tokens the target accepts
+    if "+" in spec:  # both the copied chains and the head's trees were proposed
+        assert drafter.copied_steps > 0 and drafter.model_steps > 0
 
 
 @needs_head
@@ -146,15 +155,19 @@ def test_packaged_head_bf16_equals_plain_up_to_near_ties(llm_bf16):
 
 
 @needs_head
-def test_packaged_head_seeded_sampling_equals_plain(llm_fp32):
+@pytest.mark.parametrize("spec", ["eagle", "ngram+eagle"])
+def test_packaged_head_seeded_sampling_equals_plain(llm_fp32, spec):
     llm = llm_fp32
-    prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS[:4]]
+    prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS[:3] + PROMPTS[-1:]]
     params = [SamplingParams(max_tokens=40, temperature=0.8, top_p=0.95, seed=7 + i) for i in range(4)]
     plain = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
-    llm.set_spec(f"eagle:{DEFAULT_EAGLE}", 10, False)
+    llm.set_spec(f"{spec}:{DEFAULT_EAGLE}", 10, False)
+    drafter = llm.engine.drafter
     seqs = run_together(llm, prompts, params)
     for p, s in zip(plain, seqs):
         assert s.output_ids == p.token_ids
+    if "+" in spec:  # both the copied chains and the head's trees were proposed
+        assert drafter.copied_steps > 0 and drafter.model_steps > 0
 
 
 def test_target_features_of_a_batch_are_those_of_each_sample_alone(llm_bf16):
