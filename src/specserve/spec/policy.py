@@ -5,7 +5,7 @@ speculation, SmartSpec/TETRIS style). Per sequence it keeps a decayed estimate o
 per-token acceptance probability `a_i`, so the j-th draft token of sequence i is
 accepted with probability `a_i^j`. The step's cost is modelled as
 
-    t(K) = s * f(S, N + K) + c0 + c1 * S + c2 * K + [K > 0] * (d0 + d1 * A + d2 * K)
+    t(K) = s * f(S, N + K) + c0 + c1 * S + (c2 + t_draft) * K
 
 with `f(S, n)` the target forward time of S sequences holding n tokens in all, every
 row's logits kept as verification needs them (a table measured at start-up over batch
@@ -14,15 +14,10 @@ rows attend over its own context), plus, for the batch's mean context c, the mea
 attention cost of every row per cached key times (c - the table's context): a drafted
 row over 1,000 cached tokens costs more than over 100. N is the tokens the step runs
 anyway (one per decoding sequence plus prefill chunks), `s` the ratio of measured to
-tabled forward times, c0 + c1 * S + c2 * K the rest of the step (scheduling, verification,
-bookkeeping), fitted to measured steps: a fixed cost, one per sequence and one per draft
-token; a cost per sequence makes the step dearer without making drafts dearer. Drafting,
-paid only by a step that drafts, is fitted the same way to measured drafting calls: a cost
-per call (d0), per sequence drafted for (d1, A of them) and per draft token (d2). A
-drafter that runs a model (an EAGLE head: a catch-up forward, then one forward per tree
-depth, whatever the number of nodes) pays most of its time per call and per sequence, so
-one or two draft tokens in a large batch cost it far more than their share of a long
-draft; a copying drafter costs almost nothing either way.
+tabled forward times, `t_draft` the drafting time per token, and c0 + c1 * S + c2 * K the
+rest of the step (scheduling, verification, bookkeeping), fitted to measured steps: a
+fixed cost, one per sequence and one per draft token. Only the last part and the forward
+grow with K; a cost per sequence makes the step dearer without making drafts dearer.
 The plan adds draft tokens in order of acceptance
 probability and keeps the count K that maximises goodput
 
@@ -56,7 +51,7 @@ class SpecPolicy:
     def update(self, request_id: str, drafted: int, accepted: int) -> None:
         pass
 
-    def observe_draft_time(self, seconds: float, num_tokens: int, num_seqs: int = 1) -> None:
+    def observe_draft_time(self, seconds: float, num_tokens: int) -> None:
         pass
 
     def observe_step(
@@ -138,12 +133,11 @@ class ForwardCost:
         return float(self.many(num_seqs, np.array([num_tokens]), context)[0])
 
 
-class LinearCost:
-    """A time as c0 + c1 * S + c2 * K (S sequences, K draft tokens): least squares over the
-    measured steps (or drafting calls) with exponential forgetting, the coefficients kept >= 0
-    (a coefficient that would come out negative is dropped and the rest refitted). The
-    policy fits one to the part of a step outside the forward and the drafting, and one to
-    the drafting calls."""
+class StepOverhead:
+    """The part of a step's time outside the forward and the drafting, as c0 + c1 * S + c2 * K
+    (S sequences, K draft tokens): least squares over the measured steps with exponential
+    forgetting, the coefficients kept >= 0 (a coefficient that would come out negative is
+    dropped and the rest refitted)."""
 
     def __init__(self, forget: float = 0.98, ridge: float = 1e-5) -> None:
         self.forget, self.ridge = forget, ridge
@@ -205,14 +199,14 @@ class _Stats:
 class AdaptiveSpecPolicy(SpecPolicy):
     """Load-aware draft lengths from acceptance history and a measured cost model.
 
-    `verify_cost` is the measured target forward time by batch shape; `drafting` the
-    drafting time per call, per sequence drafted for and per draft token (seconds),
-    `scale` the ratio of measured forward time to the table's and `overhead` the rest of a
-    step, all updated from measurements.
+    `verify_cost` is the measured target forward time by batch shape; `draft_cost` the
+    drafting time per token (seconds), `scale` the ratio of measured forward time to the
+    table's and `overhead` the rest of a step, all updated from measurements.
     """
 
     max_k: int
     verify_cost: ForwardCost
+    draft_cost: float = 0.0
     scale: float = 1.0
     prior_acceptance: float = 0.6
     prior_weight: float = 4.0
@@ -220,12 +214,12 @@ class AdaptiveSpecPolicy(SpecPolicy):
     probe_every: int = 8
     min_gain: float = 0.03  # draft only when the plan beats no drafting by this share of goodput
     _stats: dict[str, _Stats] = field(default_factory=dict)
+    _draft_samples: int = 0
     _step_samples: int = 0
     _step_draft_time: float = 0.0
     _idle: dict[str, int] = field(default_factory=dict)  # steps without drafting, per request
     _context: float | None = None  # mean cached tokens per sequence of the step being planned
-    overhead: LinearCost = field(default_factory=LinearCost)
-    drafting: LinearCost = field(default_factory=LinearCost)  # d0 + d1 * A + d2 * K of a drafting call
+    overhead: StepOverhead = field(default_factory=StepOverhead)
 
     def __post_init__(self) -> None:
         if self.max_k < 0:
@@ -251,12 +245,7 @@ class AdaptiveSpecPolicy(SpecPolicy):
         counts = np.arange(len(gains) + 1)
         expected = S + np.concatenate(([0.0], np.cumsum([g for g, _ in gains])))
         cost = self.scale * self.verify_cost.many(S, base_tokens + counts, self._context)
-        drafted_for, seen = [0], set()  # sequences drafted for with the best 0, 1, 2, ... drafts
-        for _, i in gains:
-            seen.add(i)
-            drafted_for.append(len(seen))
-        drafting = np.where(counts > 0, self.drafting(np.array(drafted_for), counts), 0.0)
-        cost = cost + self.overhead(S, counts) + drafting
+        cost = cost + self.overhead(S, counts) + self.draft_cost * counts
         rates = (expected / cost).tolist()
         best_rate, best_count = rates[0], 0
         for count in range(1, len(rates)):
@@ -297,12 +286,12 @@ class AdaptiveSpecPolicy(SpecPolicy):
         st.rejected = st.rejected * self.decay + (1 if accepted < drafted else 0)
         self._idle.pop(request_id, None)
 
-    def observe_draft_time(self, seconds: float, num_tokens: int, num_seqs: int = 1) -> None:
-        """A drafting call took `seconds` for `num_tokens` draft tokens over `num_seqs`
-        sequences with a budget (it may propose nothing: a copying drafter without a match)."""
+    def observe_draft_time(self, seconds: float, num_tokens: int) -> None:
         self._step_draft_time += seconds
-        if num_seqs > 0:
-            self.drafting.observe(num_seqs, num_tokens, seconds)
+        if num_tokens > 0:
+            per_token = seconds / num_tokens
+            self.draft_cost = per_token if self._draft_samples == 0 else 0.8 * self.draft_cost + 0.2 * per_token
+            self._draft_samples += 1
 
     def observe_step(
         self,
