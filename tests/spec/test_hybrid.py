@@ -90,7 +90,7 @@ def test_bad_hybrid_specs_are_refused(llm_fp32, spec):
 
 
 def test_hybrid_default_draft_length_is_the_model_drafters(llm_fp32):
-    llm_fp32.set_spec("ngram+eagle")
+    llm_fp32.set_spec("ngram+eagle", None, False)  # no load-aware policy: no forward cost to measure
     try:
         assert llm_fp32.num_spec_tokens == 10
         assert llm_fp32.engine.drafter.name == "ngram+eagle"
