@@ -107,8 +107,9 @@ def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     for m in methods:
         base = m.removesuffix(LOAD_AWARE)
-        if hybrid_error(base) is not None:
-            raise ValueError(f"--methods: {hybrid_error(base)}")
+        why = hybrid_error(base)
+        if why is not None:
+            raise ValueError(f"--methods: {why}")
         if m != "off" and split_hybrid(base)[1].split(":")[0] not in {name.split(":")[0].split("[")[0] for name in SPEC_METHODS}:
             raise ValueError(
                 f"--methods: unknown method {m!r}; use off, a drafter ({', '.join(SPEC_METHODS)}) "

@@ -74,6 +74,15 @@ class DraftProposal:
         return out
 
 
+def check_budgets(seqs: Seq[SequenceView], budgets: Seq[int]) -> None:
+    """One budget per sequence, none negative (a drafter's `propose` checks its arguments)."""
+    if len(budgets) != len(seqs):
+        raise ValueError(f"budgets must have one entry per sequence: got {len(budgets)} for {len(seqs)}")
+    for b in budgets:
+        if b < 0:
+            raise ValueError(f"budgets must be >= 0, got {b!r}")
+
+
 class Drafter(Protocol):
     """A source of draft tokens."""
 

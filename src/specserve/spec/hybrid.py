@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from specserve.spec.base import Drafter, DraftProposal, SequenceView
+from specserve.spec.base import Drafter, DraftProposal, SequenceView, check_budgets
 
 __all__ = ["HybridDrafter"]
 
@@ -54,16 +54,13 @@ class HybridDrafter:
         self.model.take_hidden(request_id, start, rows)
 
     def propose(self, seqs: Seq[SequenceView], budgets: Seq[int]) -> DraftProposal:
-        if len(budgets) != len(seqs):
-            raise ValueError(f"budgets must have one entry per sequence: got {len(budgets)} for {len(seqs)}")
+        check_budgets(seqs, budgets)
         n = len(seqs)
         tokens: list[list[int]] = [[] for _ in range(n)]
         probs: list[torch.Tensor | None] = [None] * n
         parents: list[list[int] | None] = [None] * n
         model_budgets = [0] * n
         for i, (view, budget) in enumerate(zip(seqs, budgets)):
-            if budget < 0:
-                raise ValueError(f"budgets must be >= 0, got {budget!r}")
             if budget == 0:
                 continue
             chain, matched = self.retrieval.lookup(view, budget)

@@ -23,20 +23,10 @@ from __future__ import annotations
 
 from typing import Sequence as Seq
 
-from specserve.spec.base import DraftProposal, SequenceView
+from specserve.spec.base import DraftProposal, SequenceView, check_budgets
 from specserve.validation import require_int
 
 __all__ = ["NgramDrafter"]
-
-
-def _check_budgets(seqs: Seq[SequenceView], budgets: Seq[int]) -> None:
-    if len(budgets) != len(seqs):
-        raise ValueError(
-            f"budgets must have one entry per sequence: got {len(budgets)} for {len(seqs)}"
-        )
-    for b in budgets:
-        if b < 0:
-            raise ValueError(f"budgets must be >= 0, got {b!r}")
 
 
 class _NgramState:
@@ -148,15 +138,8 @@ class NgramDrafter:
     def propose(self, seqs: Seq[SequenceView], budgets: Seq[int]) -> DraftProposal:
         """One draft chain per sequence, each at most ``min(budgets[i], num_spec_tokens)``
         long (0 for a zero budget: such a sequence is not even indexed this step)."""
-        _check_budgets(seqs, budgets)
-        drafts: list[list[int]] = []
-        for seq, budget in zip(seqs, budgets):
-            k = min(int(budget), self.num_spec_tokens)
-            if k <= 0 or not seq.token_ids:
-                drafts.append([])
-                continue
-            drafts.append(self.lookup(seq, k)[0])
-        return DraftProposal(token_ids=drafts)
+        check_budgets(seqs, budgets)
+        return DraftProposal(token_ids=[self.lookup(seq, int(budget))[0] for seq, budget in zip(seqs, budgets)])
 
     def lookup(self, seq: SequenceView, k: int) -> tuple[list[int], int]:
         """(a chain of at most `k` tokens, the length of the context suffix it continues):

@@ -67,7 +67,7 @@ import math
 from collections import deque
 from typing import Sequence as Seq
 
-from specserve.spec.base import DraftProposal, SequenceView
+from specserve.spec.base import DraftProposal, SequenceView, check_budgets
 from specserve.validation import require_float, require_int
 
 __all__ = ["SuffixDrafter"]
@@ -520,20 +520,8 @@ class SuffixDrafter:
         """One chain per sequence, at most ``min(budgets[i], num_spec_tokens,
         ceil(alpha * match_len))`` long; [] for a zero budget (the sequence is then
         not even synced this step: `observe` / the next `propose` catch up)."""
-        if len(budgets) != len(seqs):
-            raise ValueError(
-                f"budgets must have one entry per sequence: got {len(budgets)} for {len(seqs)}"
-            )
-        drafts: list[list[int]] = []
-        for seq, budget in zip(seqs, budgets):
-            if budget < 0:
-                raise ValueError(f"budgets must be >= 0, got {budget!r}")
-            k = min(int(budget), self.num_spec_tokens)
-            if k == 0 or not seq.token_ids:
-                drafts.append([])
-                continue
-            drafts.append(self._propose_one(self._sync(seq), k)[0])
-        return DraftProposal(token_ids=drafts)
+        check_budgets(seqs, budgets)
+        return DraftProposal(token_ids=[self.lookup(seq, int(budget))[0] for seq, budget in zip(seqs, budgets)])
 
     def lookup(self, seq: SequenceView, k: int) -> tuple[list[int], int]:
         """(a chain of at most `k` tokens, the length of the context suffix it continues):
