@@ -2,10 +2,10 @@
 """Plain decoding and each `--spec` named on the command line (e.g. `eagle eagle:DIR`, a
 packaged head against a newly trained one), side by side in one run: greedy, the first
 Spec-Bench question of each category (first turn, chat template), 128 tokens, batch size 1,
-load-aware budgets. Prints tokens/s, acceptance length, accepted drafts per depth and how
-many outputs equal plain decoding's.
+load-aware budgets (`SPEC@N`: a fixed budget of N draft tokens instead). Prints tokens/s,
+acceptance length, accepted drafts per depth and how many outputs equal plain decoding's.
 
-    .venv/bin/python scripts/compare_heads.py eagle eagle:heads/eagle
+    .venv/bin/python scripts/compare_heads.py eagle eagle:heads/eagle eagle@4
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def main(specs: list[str]) -> None:
     params = SamplingParams(max_tokens=128)
     plain: list[list[int]] = []
     for spec in [None, *specs]:
-        llm.set_spec(spec)
+        method, at, fixed = (spec or "").partition("@")
+        llm.set_spec(method or None, int(fixed) if at else None, adaptive=not at)
         llm.generate([prompts[0]], SamplingParams(max_tokens=16))  # warm-up
         tokens = forwards = drafted = accepted = 0
         wall, outs, per_depth = 0.0, [], []

@@ -170,6 +170,8 @@ def build_parser() -> ArgumentParser:
     add("--lr", type=_number, default=1e-3, metavar="LR", help="peak learning rate, > 0 (default: 1e-3)")
     add("--draft-vocab", type=_count(16), default=8192, metavar="V", help="draft vocabulary size (default: 8192)")
     add("--seed", type=_count(0), default=0, metavar="S", help="prompt synthesis and training seed, >= 0 (default: 0)")
+    add("--unroll", type=_count(1), metavar="S",
+        help="with --kind eagle: drafting depths trained, each on the head's own earlier guesses (default: 3)")
     add("--medusa-heads", type=_count(1), metavar="K", help="with --kind medusa: number of heads (default: 4)")
     add("--medusa-layers", type=_count(1), metavar="L", help="with --kind medusa: residual blocks per head (default: 1)")
     t.set_defaults(func=cmd_train_drafter, parser=t)
@@ -492,6 +494,8 @@ def cmd_train_drafter(parser: ArgumentParser, args: argparse.Namespace) -> int:
     for flag, value in (("--medusa-heads", args.medusa_heads), ("--medusa-layers", args.medusa_layers)):
         if value is not None and args.kind != "medusa":
             parser.error(f"{flag} only applies to --kind medusa")
+    if args.unroll is not None and args.kind != "eagle":
+        parser.error("--unroll only applies to --kind eagle")
     from specserve.api import LLM
     from specserve.spec.train import TrainConfig, train_drafter
 
@@ -501,7 +505,8 @@ def cmd_train_drafter(parser: ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--target: cannot load {args.target or 'the default model'}: {exc}")
     cfg = TrainConfig(prompts=args.prompts, self_instruct=args.self_instruct, max_tokens=args.max_tokens, epochs=args.epochs,
                       batch_size=args.batch_size, lr=float(args.lr), draft_vocab=args.draft_vocab, seed=args.seed,
-                      kind=args.kind, medusa_heads=args.medusa_heads or 4, medusa_layers=args.medusa_layers or 1)
+                      kind=args.kind, medusa_heads=args.medusa_heads or 4, medusa_layers=args.medusa_layers or 1,
+                      unroll=args.unroll or 3)
     try:
         out = train_drafter(llm, args.out, cfg, log=lambda line: print(line, file=sys.stderr))
     except ValueError as exc:

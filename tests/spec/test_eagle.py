@@ -99,6 +99,71 @@ def test_tree_drafts_match_the_training_forward(llm_fp32, random_head_dir):
             assert set(grand) <= set(head.draft_ids[kids3].tolist())
 
 
+def test_pruned_expansion_proposes_the_same_trees_with_fewer_forwards(llm_fp32):
+    """Expansion skips nodes whose children the budget cannot take: the trees are exactly
+    those of expanding every depth, for small and large budgets, in one batch, with fewer
+    head forwards. The packaged head (peaked guesses, so small budgets fill up early)."""
+    llm = llm_fp32
+    model = llm.engine.runner.model
+    head = load_head(DEFAULT_EAGLE, model)
+    ids = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS[:4]]
+    budgets = [1, 3, 4, 10]
+    got = {}
+    for prune in (True, False):
+        drafter = EagleDrafter(head, num_slots=4, max_len=256)
+        drafter.prune = prune
+        calls = []
+        run = drafter._run
+        drafter._run = lambda entries, run=run: calls.append(len(entries)) or run(entries)
+        views = []
+        for slot, seq in enumerate(ids):
+            n = len(seq) - 1
+            drafter.take_hidden(f"r{slot}", 0, _features(llm, seq)[:n])
+            views.append(SequenceView(f"r{slot}", list(seq), n, SamplingParams(), slot=slot))
+        proposal = drafter.propose(views, budgets)
+        got[prune] = (proposal.token_ids, proposal.parents, sum(calls))
+    assert got[True][:2] == got[False][:2]
+    assert [len(t) for t in got[True][0]] == budgets
+    assert got[True][2] < got[False][2], (got[True][2], got[False][2])
+
+
+def test_unrolled_training_steps_see_what_drafting_sees(llm_fp32):
+    """Training-time test: step s of the unrolled head at row i equals the plain causal
+    forward over drafting's path for that row, the real inputs up to the root (row i - s),
+    then the drafts, each reading its parent's predicted feature. Two sequences at once,
+    a head whose layer attends (random weights), GQA as in the target."""
+    from specserve.spec.train import unrolled
+
+    torch.manual_seed(1)
+    model = llm_fp32.engine.runner.model
+    head = EagleHead(model.config, 512)
+    head.draft_ids.copy_(torch.randperm(model.config.vocab_size)[:512].sort().values)
+    head = head.float().bind(model)
+    with torch.no_grad():
+        for p in head.layer.parameters():  # big enough that attention is far from uniform
+            p.mul_(4.0) if p.dim() > 1 else None
+    B, L, H = 2, 12, model.config.hidden_size
+    tok_in = torch.randint(0, model.config.vocab_size, (B, L))
+    feats = torch.randn(B, L, H)
+    with torch.inference_mode():
+        steps = [pred for pred, _ in unrolled(head, tok_in, feats, 4)]
+
+        def causal(toks, fs):
+            n = len(toks)
+            return head(torch.tensor(toks), torch.stack(fs), torch.arange(n), CausalBatch(1, n))
+
+        for b in range(B):
+            for s in range(4):
+                for i in range(s, L):
+                    root = i - s
+                    toks = tok_in[b, : i + 1].tolist()
+                    fs = [feats[b, j] for j in range(root + 1)]  # the real inputs, up to the root
+                    for r in range(1, s + 1):  # the draft at depth r + 1 reads step r - 1's guess
+                        fs.append(steps[r - 1][b, root + r - 1])
+                    want = causal(toks, fs)[-1]
+                    torch.testing.assert_close(steps[s][b, i], want, rtol=1e-4, atol=1e-4)
+
+
 def _eagle_outputs(llm, head_dir, prompts, params, k=10):
     return generate_with(llm, f"eagle:{head_dir}", prompts, params, k)
 
@@ -268,6 +333,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         (["train-drafter", "--out", "x", "--epochs", "0"], "--epochs"),
         (["train-drafter", "--out", "x", "--seed", "-1"], "--seed"),
         (["train-drafter", "--out", "x", "--self-instruct", "-5"], "--self-instruct"),
+        (["train-drafter", "--out", "x", "--unroll", "0"], "--unroll"),
+        (["train-drafter", "--out", "x", "--kind", "medusa", "--unroll", "2"], "--unroll only applies to --kind eagle"),
         (["generate", "--spec", "eagle:/nonexistent", "hi"], "eagle head directory does not exist"),
     ],
 )

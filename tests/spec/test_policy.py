@@ -177,3 +177,28 @@ def test_a_gain_within_the_margin_drafts_nothing():
     assert AdaptiveSpecPolicy(1, cost).plan([0.42], 1) == [1]
     assert AdaptiveSpecPolicy(1, cost).plan([0.37], 1) == [0]
     assert AdaptiveSpecPolicy(1, cost, min_gain=0.0).plan([0.37], 1) == [1]
+
+
+def test_tree_confidence_plans_what_the_tree_will_accept():
+    """A tree drafter's confidences (its second draft is often a likely sibling) raise the
+    plan above the chain model's a^j; the calibration learned from verifications scales them
+    (a drafter whose confident drafts are rejected gets smaller budgets), and a sequence
+    without confidences keeps the chain model."""
+    cost = linear_cost(per_row=0.002)
+    policy = AdaptiveSpecPolicy(8, cost, prior_acceptance=0.35)
+    chain_only = policy.plan([0.35], 1)
+    tree = np.array([0.55, 0.45, 0.3, 0.2, 0.1, 0.05, 0.0, 0.0])
+    assert sum(policy.plan([0.35], 1, [tree])) > sum(chain_only)
+    assert policy.plan([0.35, 0.35], 2, [tree, None])[1] == policy.plan([0.35, 0.35], 2)[1]
+    # verifications teach a request's smoothed confidence and the calibration
+    policy.update("r", 2, 1, list(tree), 4)
+    assert policy._stats["r"].gains == pytest.approx(tree)
+    assert policy.calibration() == pytest.approx((4 * 0.98 + 1) / (4 * 0.98 + 1.5))  # 4 verified: 1.5 expected
+    for _ in range(60):  # confident drafts, none accepted: the drafter's word counts for little
+        policy.update("r", 2, 0, list(tree), 4)
+    assert policy.calibration() < 0.1
+    assert sum(policy.budgets(["r"], 1)) <= sum(chain_only)
+    with pytest.raises(ValueError):
+        from specserve.spec.base import DraftProposal
+
+        DraftProposal([[1, 2]], confidence=[[0.5]])  # must cover every draft

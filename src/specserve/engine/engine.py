@@ -337,11 +337,12 @@ class Engine:
         if self.drafter is not None:
             # finished sequences were already released by the drafter and the policy
             levels = [draft_levels(d, p) for d, p in zip(drafts, proposal.parents)]
-            live = [(s, n, t) for s, n, t in zip(decoding, levels, emitted) if not s.finished]
+            live = [(s, n, t, d, c) for s, n, t, d, c in zip(decoding, levels, emitted, drafts, proposal.confidence)
+                    if not s.finished]
             if live:
-                self.drafter.observe([self._view(s) for s, _, _ in live], [len(t) - 1 for _, _, t in live])
-            for seq, n, tokens in live:
-                self.policy.update(seq.request_id, n, len(tokens) - 1)
+                self.drafter.observe([self._view(s) for s, *_ in live], [len(t) - 1 for _, _, t, _, _ in live])
+            for seq, n, tokens, d, conf in live:
+                self.policy.update(seq.request_id, n, len(tokens) - 1, conf, len(d))
         self.policy.observe_step(
             len(items), sum(len(it.token_ids) for it in items), time.perf_counter() - step_start,
             forward_seconds=forward_time, drafted=sum(len(d) for d in drafts), decoding=len(decoding),
@@ -388,11 +389,12 @@ class Engine:
         self.policy.observe_draft_time(draft_time, sum(len(t) for t in proposal.token_ids))
         for seq in decoding:
             seq.metrics.draft_time += draft_time
-        # a prefix of a tree's drafts is a tree: parents come first
+        # a prefix of a tree's drafts is a tree: parents come first (confidence may run on)
         return DraftProposal(
             [list(t[:b]) for t, b in zip(proposal.token_ids, budgets)],
             [q[:b] if q is not None else None for q, b in zip(proposal.probs, budgets)],
             [p[:b] if p is not None else None for p, b in zip(proposal.parents, budgets)],
+            proposal.confidence,
         )
 
     def _verify(

@@ -102,6 +102,57 @@ class CausalBatch:
         return out.transpose(1, 2).reshape(B * L, attn.q_size)
 
 
+class UnrolledBatch:
+    """Training-time test (EAGLE-3) for a one-layer draft head unrolled over steps.
+
+    `batch` sequences of `length` tokens, flattened row by row, run through the same layer
+    once per step (step 0 first; create one instance per batch). Step 0 is causal
+    attention over the real inputs. At step s > 0, row i stands for the depth-(s + 1) draft
+    of a drafting step rooted at i - s: as in drafting, it sees the step-0 keys of rows
+    0..i - s (the real context) and, of each step r = 1..s, the key of row i - s + r (its
+    draft ancestors, then itself); nothing else. Rows i < s have no root; their outputs are
+    defined (they see their own key) but stand for nothing.
+    """
+
+    def __init__(self, batch: int, length: int) -> None:
+        self.batch, self.length = batch, length
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # (k, v) [B, Hkv, L, D] per step
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: Attention) -> torch.Tensor:
+        B, L, D = self.batch, self.length, attn.head_dim
+        q = q.reshape(attn.num_heads, B, L, D).transpose(0, 1)  # [B, Hq, L, D]
+        k = k.reshape(attn.num_kv_heads, B, L, D).transpose(0, 1)
+        v = v.reshape(attn.num_kv_heads, B, L, D).transpose(0, 1)
+        s = len(self.steps)
+        self.steps.append((k, v))
+        if s == 0:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=attn.scale, enable_gqa=attn.num_heads != attn.num_kv_heads
+            )
+            return out.transpose(1, 2).reshape(B * L, attn.q_size)
+        group = attn.num_heads // attn.num_kv_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [B, Hkv, L, D] -> [B, Hq, L, D]
+            return t.repeat_interleave(group, dim=1) if group > 1 else t
+
+        def shifted(t: torch.Tensor, by: int) -> torch.Tensor:  # row i holds row i - by (zeros above)
+            return F.pad(t, (0, 0, by, 0))[:, :, :L] if by else t
+
+        k0, v0 = self.steps[0]
+        rows = torch.arange(L, device=q.device)
+        context = (rows[None, :] <= rows[:, None] - s)  # [L, L]: step-0 key j <= i - s
+        scores = [(q @ heads(k0).transpose(-1, -2) * attn.scale).masked_fill(~context, float("-inf"))]
+        for r in range(1, s + 1):  # the ancestor (or self) of step r: row i - (s - r)
+            kr = shifted(self.steps[r][0], s - r)
+            d = (q * heads(kr)).sum(-1, keepdim=True) * attn.scale  # [B, Hq, L, 1]
+            scores.append(d.masked_fill((rows < s - r)[:, None], float("-inf")))
+        p = torch.cat(scores, dim=-1).softmax(dim=-1)
+        out = p[..., :L] @ heads(v0)
+        for r in range(1, s + 1):
+            out = out + p[..., L + r - 1 : L + r] * heads(shifted(self.steps[r][1], s - r))
+        return out.transpose(1, 2).reshape(B * L, attn.q_size)
+
+
 @dataclass
 class AttentionMetadata:
     """Where the tokens of a flattened batch go.
@@ -263,7 +314,7 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,  # [Hkv, P, D] pool
     ) -> torch.Tensor:  # [T, Hq * D]
         """Write the new K/V of the whole batch into the pool, then attend per sequence."""
-        if isinstance(meta, CausalBatch):
+        if isinstance(meta, (CausalBatch, UnrolledBatch)):
             return meta.attend(q, k, v, self)
         T = q.shape[1]
         out_dtype = q.dtype

@@ -42,19 +42,29 @@ class DraftProposal:
 
     `parents[i]` is None for a chain, or the parent of every draft token of a token
     tree (see `specserve.spec.tree`); trees carry no q (their drafts are deterministic).
+
+    `confidence[i]`, where a drafter can tell, is its estimate that each draft lies on the
+    accepted path (a tree head: the product of its draft probabilities along the node's
+    path), non-increasing, and may run on past `token_ids[i]` with the nodes a larger
+    budget would have added next. The load-aware policy plans budgets with it (never
+    verification: it changes no output). None: no estimate (a copied chain).
     """
 
     token_ids: list[list[int]]
     probs: list[torch.Tensor | None] = field(default_factory=list)
     parents: list[list[int] | None] = field(default_factory=list)
+    confidence: list[list[float] | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.probs:
-            self.probs = [None] * len(self.token_ids)
-        if not self.parents:
-            self.parents = [None] * len(self.token_ids)
-        if len(self.probs) != len(self.token_ids) or len(self.parents) != len(self.token_ids):
-            raise ValueError("DraftProposal needs one probs and one parents entry per sequence")
+        n = len(self.token_ids)
+        self.probs = self.probs or [None] * n
+        self.parents = self.parents or [None] * n
+        self.confidence = self.confidence or [None] * n
+        if len(self.probs) != n or len(self.parents) != n or len(self.confidence) != n:
+            raise ValueError("DraftProposal needs one probs, parents and confidence entry per sequence")
+        for tokens, conf in zip(self.token_ids, self.confidence):
+            if conf is not None and len(conf) < len(tokens):
+                raise ValueError("a draft confidence list must cover every draft token")
         for tokens, parents, q in zip(self.token_ids, self.parents, self.probs):
             if parents is not None:
                 check_tree(tokens, parents)

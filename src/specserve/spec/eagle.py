@@ -21,6 +21,8 @@ entries as scratch and never committed.
 
 from __future__ import annotations
 
+import math
+
 import os
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -148,6 +150,9 @@ class EagleDrafter:
         self.top_k = min(top_k, int(head.draft_ids.numel()))
         self.depth = depth
         self.max_len = max_len
+        # skip expanding nodes whose children the budget cannot take (the same trees, fewer head
+        # forwards: a budget of 4 often fits in depth 1); False expands every depth (for tests)
+        self.prune = True
         cfg = head.config
         device, dtype = head._draft_weight.device, head._draft_weight.dtype
         if head.native is not None:
@@ -184,6 +189,7 @@ class EagleDrafter:
     def propose(self, seqs: Seq[SequenceView], budgets: Seq[int]) -> DraftProposal:
         tokens: list[list[int]] = [[] for _ in seqs]
         parents: list[list[int] | None] = [None] * len(seqs)
+        confidence: list[list[float] | None] = [None] * len(seqs)
         active = []
         for i, (view, budget) in enumerate(zip(seqs, budgets)):
             st = self._state.get(view.request_id)
@@ -198,9 +204,9 @@ class EagleDrafter:
             return DraftProposal(tokens, parents=parents)
         roots = self._catch_up([seqs[i] for i in active])
         trees = self._grow([seqs[i] for i in active], roots, [budgets[i] for i in active])
-        for i, (tree_tokens, tree_parents) in zip(active, trees):
-            tokens[i], parents[i] = tree_tokens, tree_parents
-        return DraftProposal(tokens, parents=parents)
+        for i, (tree_tokens, tree_parents, tree_conf) in zip(active, trees):
+            tokens[i], parents[i], confidence[i] = tree_tokens, tree_parents, tree_conf
+        return DraftProposal(tokens, parents=parents, confidence=confidence)
 
     def _region(self, view: SequenceView) -> int:
         return view.slot * self.max_len
@@ -225,7 +231,8 @@ class EagleDrafter:
         return out.index_select(0, last)
 
     def _grow(self, views: list[SequenceView], roots: torch.Tensor, budgets: list[int]):
-        """EAGLE-2 expansion for every sequence at once; returns (tokens, parents) per sequence."""
+        """EAGLE-2 expansion for every sequence at once; returns (tokens, parents, confidence)
+        per sequence."""
         K = self.top_k
         A = len(views)
         # node lists per sequence: token (draft-vocab index), parent node (-1 = root), score, depth
@@ -259,6 +266,14 @@ class EagleDrafter:
                     continue
                 st = self._state[view.request_id]
                 chosen = sorted(frontier[a], key=lambda n: -node_score[a][n])[:K]
+                if self.prune and len(node_score[a]) >= budgets[a]:
+                    # a child scores at most its parent and loses ties to earlier nodes: a node
+                    # not above the budget-th best score so far has no child `_select` would take
+                    bar = sorted(node_score[a], reverse=True)[budgets[a] - 1]
+                    chosen = [n for n in chosen if node_score[a][n] > bar]
+                    if not chosen:
+                        frontier[a] = []
+                        continue
                 real = st.length - st.first
                 start = real + len(written[a])
                 mask = torch.zeros(len(chosen), start + len(chosen), dtype=torch.bool)
@@ -291,7 +306,10 @@ class EagleDrafter:
                     new.extend(kids)
                     row += 1
                 frontier[a] = new
-        return [self._select(node_tok[a], node_par[a], node_score[a], budgets[a]) for a in range(A)]
+        # confidence: every node's draft probability along its path, best first (the
+        # proposal's nodes, then those a larger budget would take next)
+        return [(*self._select(node_tok[a], node_par[a], node_score[a], budgets[a]),
+                 [math.exp(x) for x in sorted(node_score[a], reverse=True)]) for a in range(A)]
 
     def _select(self, tok: list[int], par: list[int], score: list[float], budget: int) -> tuple[list[int], list[int]]:
         """The `budget` best nodes, each after its parent; returned parents first."""

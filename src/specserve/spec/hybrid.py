@@ -59,6 +59,7 @@ class HybridDrafter:
         tokens: list[list[int]] = [[] for _ in range(n)]
         probs: list[torch.Tensor | None] = [None] * n
         parents: list[list[int] | None] = [None] * n
+        confidence: list[list[float] | None] = [None] * n
         model_budgets = [0] * n
         for i, (view, budget) in enumerate(zip(seqs, budgets)):
             if budget == 0:
@@ -76,7 +77,8 @@ class HybridDrafter:
                 if not budget:
                     continue
                 tokens[i], probs[i], parents[i] = drafted.token_ids[i], drafted.probs[i], drafted.parents[i]
-        return DraftProposal(tokens, probs, parents)
+                confidence[i] = drafted.confidence[i]
+        return DraftProposal(tokens, probs, parents, confidence)
 
     def observe(self, seqs: Seq[SequenceView], num_accepted: Seq[int]) -> None:
         self.retrieval.observe(seqs, num_accepted)

@@ -48,7 +48,9 @@ class SpecPolicy:
     def budgets(self, request_ids: list[str], other_tokens: int, context: float | None = None) -> list[int]:
         raise NotImplementedError
 
-    def update(self, request_id: str, drafted: int, accepted: int) -> None:
+    def update(
+        self, request_id: str, drafted: int, accepted: int, confidence: list[float] | None = None, verified: int = 0
+    ) -> None:
         pass
 
     def observe_draft_time(self, seconds: float, num_tokens: int) -> None:
@@ -193,6 +195,7 @@ def _interp(grid: tuple[int, ...], row: tuple[float, ...], x: np.ndarray) -> np.
 class _Stats:
     accepted: float
     rejected: float
+    gains: np.ndarray | None = None  # smoothed draft confidence of the j-th draft, where the drafter tells
 
 
 @dataclass
@@ -213,7 +216,11 @@ class AdaptiveSpecPolicy(SpecPolicy):
     decay: float = 0.9
     probe_every: int = 8
     min_gain: float = 0.03  # draft only when the plan beats no drafting by this share of goodput
+    confidence_weight: float = 0.5  # weight of a step's draft confidences in a request's smoothed gains
     _stats: dict[str, _Stats] = field(default_factory=dict)
+    # calibration of draft confidences: accepted drafts against the confidence summed over the
+    # verified drafts, both decayed (starts at 1: the drafter's word)
+    _calib: list[float] = field(default_factory=lambda: [4.0, 4.0])
     _draft_samples: int = 0
     _step_samples: int = 0
     _step_draft_time: float = 0.0
@@ -233,13 +240,25 @@ class AdaptiveSpecPolicy(SpecPolicy):
             return self.prior_acceptance
         return st.accepted / max(st.accepted + st.rejected, 1e-9)
 
-    def plan(self, acceptances: list[float], base_tokens: int) -> list[int]:
-        """Draft lengths maximising expected tokens per second for one step."""
+    def calibration(self) -> float:
+        """Accepted drafts per unit of the drafter's confidence (1 = calibrated)."""
+        return self._calib[0] / max(self._calib[1], 1e-9)
+
+    def plan(self, acceptances: list[float], base_tokens: int, confidences: list[np.ndarray | None] | None = None) -> list[int]:
+        """Draft lengths maximising expected tokens per second for one step. The j-th draft
+        of sequence i is accepted with probability a_i^j or, where `confidences[i]` (the
+        drafter's smoothed confidence in its j-th draft) says more, the calibrated confidence:
+        a tree's second draft is often a sibling of the first, likelier than the chain's a^2."""
         S = len(acceptances)
         gains = []  # (probability the j-th draft of sequence i is accepted, i)
+        calib = self.calibration()
         for i, a in enumerate(acceptances):
             a = min(max(a, 0.0), 0.999)
-            gains.extend((a ** (j + 1), i) for j in range(self.max_k))
+            chain = a ** np.arange(1, self.max_k + 1)
+            conf = confidences[i] if confidences is not None else None
+            if conf is not None:  # both non-increasing in j: so is their maximum
+                chain = np.maximum(chain, np.minimum(calib * conf[: self.max_k], 0.999))
+            gains.extend((float(g), i) for g in chain)
         gains.sort(key=lambda g: -g[0])
         # expected tokens and step time with the best 0, 1, 2, ... drafts (one vectorised cost call)
         counts = np.arange(len(gains) + 1)
@@ -266,7 +285,8 @@ class AdaptiveSpecPolicy(SpecPolicy):
         """Draft lengths for this step's decoding sequences, with `other_tokens` the tokens
         the step runs anyway and `context` their mean cached tokens (None: unknown)."""
         self._context = context
-        ks = self.plan([self.acceptance(r) for r in request_ids], max(other_tokens, len(request_ids)))
+        confidences = [st.gains if (st := self._stats.get(r)) is not None else None for r in request_ids]
+        ks = self.plan([self.acceptance(r) for r in request_ids], max(other_tokens, len(request_ids)), confidences)
         for idx, (rid, k) in enumerate(zip(request_ids, ks)):
             if k == 0:
                 idle = self._idle.get(rid, 0) + 1
@@ -275,7 +295,12 @@ class AdaptiveSpecPolicy(SpecPolicy):
                     ks[idx] = 1  # probe: has the text become predictable?
         return ks
 
-    def update(self, request_id: str, drafted: int, accepted: int) -> None:
+    def update(
+        self, request_id: str, drafted: int, accepted: int, confidence: list[float] | None = None, verified: int = 0
+    ) -> None:
+        """Learn from a verification: `drafted` draft positions (a tree's depth), `accepted`
+        of them taken; `confidence` the drafter's (`DraftProposal.confidence`), of which the
+        first `verified` entries were verified."""
         if drafted <= 0:
             return
         st = self._stats.get(request_id)
@@ -284,6 +309,15 @@ class AdaptiveSpecPolicy(SpecPolicy):
             st = self._stats[request_id] = _Stats(self.prior_acceptance * w, (1 - self.prior_acceptance) * w)
         st.accepted = st.accepted * self.decay + accepted
         st.rejected = st.rejected * self.decay + (1 if accepted < drafted else 0)
+        if confidence is not None and verified > 0:
+            calib_decay = 0.98
+            self._calib[0] = self._calib[0] * calib_decay + accepted
+            self._calib[1] = self._calib[1] * calib_decay + float(sum(confidence[:verified]))
+            conf = np.zeros(self.max_k)
+            n = min(len(confidence), self.max_k)
+            conf[:n] = np.minimum.accumulate(np.asarray(confidence[:n], dtype=float))  # n >= verified > 0
+            w = self.confidence_weight
+            st.gains = conf if st.gains is None else (1 - w) * st.gains + w * conf
         self._idle.pop(request_id, None)
 
     def observe_draft_time(self, seconds: float, num_tokens: int) -> None:

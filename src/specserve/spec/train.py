@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specserve.model import native
-from specserve.model.layers import CausalBatch
+from specserve.model.layers import UnrolledBatch
 from specserve.spec.eagle import EagleHead, save_head
 from specserve.spec.heads import lm_head_weight
 
@@ -298,7 +298,7 @@ class TrainConfig:
     draft_vocab: int = 8192
     noise: float = 0.1  # std of the noise on input features, relative to their std
     cls_weight: float = 0.1
-    unroll: int = 2  # training-time test: later steps feed the head its own predicted features
+    unroll: int = 3  # training-time test: depths 2.. read the head's own guesses, attend as drafting does
     seed: int = 0
     batch_generate: int = 32  # requests in flight while generating the data
     kind: str = "eagle"  # eagle | medusa
@@ -674,6 +674,27 @@ def train_drafter(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path
     raise ValueError(f"unknown head kind {cfg.kind!r}; choose eagle or medusa")
 
 
+def unrolled(head: EagleHead, tok_in: torch.Tensor, feats: torch.Tensor, steps: int, bf16: bool = False):
+    """Yield (predicted features [B, L, H] fp32, draft logits [B * L, V] fp32) for steps
+    0..steps-1 of the head unrolled over `tok_in` [B, L] and the real features `feats`
+    [B, L, H]: step 0 reads the real features; step s reads, at row i, the feature its step
+    s - 1 predicted at row i - 1, and attends as drafting's depth s + 1 does: to the real
+    context up to the root, row i - s, then to its own draft ancestors (`UnrolledBatch`).
+    Row i of step s is the guess of the token after `tok_in[i]`, drafted s tokens after the
+    root."""
+    B, L, H = feats.shape
+    pos = torch.arange(L).repeat(B)
+    meta = UnrolledBatch(B, L)
+    fed = feats
+    for _ in range(steps):
+        with torch.autocast(feats.device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = head(tok_in.reshape(-1), fed.reshape(-1, H), pos, meta).reshape(B, L, H)
+            logits = head.logits(pred.reshape(-1, H))
+        pred = pred.float()
+        yield pred, logits.float()
+        fed = torch.cat([fed[:, :1], pred[:, :-1]], dim=1)
+
+
 def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     """Train (or resume) an EAGLE head for `llm`'s model; returns the output directory."""
     out = Path(out_dir)
@@ -715,23 +736,17 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
             tok_in, feat_in, feat_next, label, weight = _batch_tensors(data, idx, to_draft, feat_std)
             B, L, H = feat_in.shape
             noisy = feat_in + torch.randn_like(feat_in) * cfg.noise
-            pos = torch.arange(L).repeat(B)
             w = weight.unsqueeze(-1)
             n = weight.sum().clamp(min=1)
-            fed = noisy * feat_std
             loss = torch.zeros(())
-            for step in range(cfg.unroll):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    pred = head(tok_in.reshape(-1), fed.reshape(-1, H), pos, CausalBatch(B, L)).reshape(B, L, H)
-                    step_logits = head.logits(pred.reshape(-1, H))
-                pred, step_logits = pred.float(), step_logits.float()
-                step_f = (F.smooth_l1_loss(pred / feat_std, feat_next, reduction="none") * w).sum() / (n * H)
-                step_t = F.cross_entropy(step_logits, label.reshape(-1), ignore_index=-100)
+            for step, (pred, step_logits) in enumerate(unrolled(head, tok_in, noisy * feat_std, cfg.unroll, bf16)):
+                keep = w * (torch.arange(L) >= step).view(1, L, 1)  # rows with a root `step` rows back
+                step_f = (F.smooth_l1_loss(pred / feat_std, feat_next, reduction="none") * keep).sum() / (n * H)
+                step_label = label.masked_fill(torch.arange(L).view(1, L) < step, -100).reshape(-1)
+                step_t = F.cross_entropy(step_logits, step_label, ignore_index=-100)
                 loss = loss + step_f + cfg.cls_weight * step_t
                 if step == 0:
                     f_loss, t_loss, logits = step_f, step_t, step_logits
-                # the next step reads, at position i, the head's own prediction of f_i (as drafting does)
-                fed = torch.cat([fed[:, :1], pred[:, :-1]], dim=1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 0.5)
