@@ -144,6 +144,24 @@ def test_acceptance_history_moves_the_plan_and_idle_sequences_are_probed():
     assert policy.acceptance("bad") == policy.prior_acceptance
 
 
+def test_idle_sequences_are_probed_in_the_same_step():
+    """Sequences that fell idle at different steps are probed together (one drafting call
+    for all of them), each at most `probe_every` - 1 steps late."""
+    policy = AdaptiveSpecPolicy(4, linear_cost(per_row=0.004), probe_every=4)
+    for _ in range(30):
+        for rid in "abc":
+            policy.update(rid, 4, 0)
+    ids = ["a"]
+    probes = []
+    for step in range(16):
+        if step in (2, 5):
+            ids.append("bc"[step == 5])  # joins idle later
+        probes.append([rid for rid, k in zip(ids, policy.budgets(ids, len(ids))) if k])
+    probed_steps = [i for i, p in enumerate(probes) if p]
+    assert probed_steps == [3, 7, 11, 15]
+    assert probes[3] == ["a"] and probes[7] == ["a", "b"] and probes[11] == ["a", "b", "c"]
+
+
 def test_longer_contexts_make_drafts_dearer():
     seqs, tokens = (1, 2, 4, 8, 16), (1, 2, 3, 5, 9)
     table = tuple(tuple(0.015 + 0.0003 * s * (t - 1) for t in tokens) for s in seqs)

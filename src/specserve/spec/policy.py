@@ -30,8 +30,13 @@ by less than `min_gain` (3%) drafts nothing: near break-even the prediction's er
 saturated batch (16+ sequences on 2 cores) would lose as often as it wins. The margin is a share of the
 whole batch's goodput, so in a large batch one predictable sequence may go undrafted
 when drafting for it alone would gain less than that share. A single sequence gets the classic
-choice of k. Sequences left at zero drafts are re-probed now and then, and their
-estimates drift back toward the prior, so text that becomes predictable is noticed.
+choice of k. Sequences left at zero drafts are re-probed now and then (all of them in
+the same step, so a model drafter pays one call), and their estimates drift back toward the
+prior, so text that becomes predictable is noticed. A drafter that tells its confidence in
+each draft (an EAGLE tree: the product of its draft probabilities along the path) has it
+smoothed per request and calibrated against what verification accepts; the plan takes, per
+draft, the larger of a^j and that estimate, since a tree's next draft is often a sibling,
+likelier than a chain's a^j.
 """
 
 from __future__ import annotations
@@ -225,6 +230,7 @@ class AdaptiveSpecPolicy(SpecPolicy):
     _step_samples: int = 0
     _step_draft_time: float = 0.0
     _idle: dict[str, int] = field(default_factory=dict)  # steps without drafting, per request
+    _planned_steps: int = 0
     _context: float | None = None  # mean cached tokens per sequence of the step being planned
     overhead: StepOverhead = field(default_factory=StepOverhead)
 
@@ -287,12 +293,18 @@ class AdaptiveSpecPolicy(SpecPolicy):
         self._context = context
         confidences = [st.gains if (st := self._stats.get(r)) is not None else None for r in request_ids]
         ks = self.plan([self.acceptance(r) for r in request_ids], max(other_tokens, len(request_ids)), confidences)
+        # probe: has the text become predictable? Sequences idle for `probe_every` steps or
+        # more are probed together, on every `probe_every`-th step: a drafter that runs a
+        # model pays one call for all of them (staggered probes would make it run nearly
+        # every step of a large batch, each call for one draft token)
+        self._planned_steps += 1
+        probe_now = self._planned_steps % self.probe_every == 0
         for idx, (rid, k) in enumerate(zip(request_ids, ks)):
             if k == 0:
                 idle = self._idle.get(rid, 0) + 1
                 self._idle[rid] = idle
-                if idle % self.probe_every == 0:
-                    ks[idx] = 1  # probe: has the text become predictable?
+                if probe_now and idle >= self.probe_every:
+                    ks[idx] = 1
         return ks
 
     def update(
