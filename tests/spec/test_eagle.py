@@ -122,6 +122,9 @@ def test_pruned_expansion_proposes_the_same_trees_with_fewer_forwards(llm_fp32):
             views.append(SequenceView(f"r{slot}", list(seq), n, SamplingParams(), slot=slot))
         proposal = drafter.propose(views, budgets)
         got[prune] = (proposal.token_ids, proposal.parents, sum(calls))
+        for tokens, conf in zip(proposal.token_ids, proposal.confidence):
+            # the drafter's confidence per node, best first, running on past the budget
+            assert len(conf) > len(tokens) and all(0 < b <= a <= 1 for a, b in zip(conf, conf[1:]))
     assert got[True][:2] == got[False][:2]
     assert [len(t) for t in got[True][0]] == budgets
     assert got[True][2] < got[False][2], (got[True][2], got[False][2])
