@@ -4,6 +4,7 @@ head loads and accepts drafts, and `specserve train-drafter` trains a working he
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def test_pruned_expansion_proposes_the_same_trees_with_fewer_forwards(llm_fp32):
         drafter.prune = prune
         calls = []
         run = drafter._run
-        drafter._run = lambda entries, run=run: calls.append(len(entries)) or run(entries)
+        drafter._run = lambda entries, run=run, calls=calls: calls.append(len(entries)) or run(entries)
         views = []
         for slot, seq in enumerate(ids):
             n = len(seq) - 1
@@ -124,7 +125,7 @@ def test_pruned_expansion_proposes_the_same_trees_with_fewer_forwards(llm_fp32):
         got[prune] = (proposal.token_ids, proposal.parents, sum(calls))
         for tokens, conf in zip(proposal.token_ids, proposal.confidence):
             # the drafter's confidence per node, best first, running on past the budget
-            assert len(conf) > len(tokens) and all(0 < b <= a <= 1 for a, b in zip(conf, conf[1:]))
+            assert len(conf) > len(tokens) and all(0 < b <= a <= 1 for a, b in itertools.pairwise(conf))
     assert got[True][:2] == got[False][:2]
     assert [len(t) for t in got[True][0]] == budgets
     assert got[True][2] < got[False][2], (got[True][2], got[False][2])

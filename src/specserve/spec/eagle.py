@@ -22,7 +22,6 @@ entries as scratch and never committed.
 from __future__ import annotations
 
 import math
-
 import os
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -151,7 +150,7 @@ class EagleDrafter:
         self.depth = depth
         self.max_len = max_len
         # skip expanding nodes whose children the budget cannot take (the same trees, fewer head
-        # forwards: a budget of 4 often fits in depth 1); False expands every depth (for tests)
+        # forwards where a budget fills up at shallow depths); False expands every depth (tests)
         self.prune = True
         cfg = head.config
         device, dtype = head._draft_weight.device, head._draft_weight.dtype

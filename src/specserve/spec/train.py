@@ -734,7 +734,7 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
         bar = _progress(_batches(data, cfg.batch_size, rng), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
         for idx in bar:
             tok_in, feat_in, feat_next, label, weight = _batch_tensors(data, idx, to_draft, feat_std)
-            B, L, H = feat_in.shape
+            _, L, H = feat_in.shape
             noisy = feat_in + torch.randn_like(feat_in) * cfg.noise
             w = weight.unsqueeze(-1)
             n = weight.sum().clamp(min=1)
