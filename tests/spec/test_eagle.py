@@ -297,6 +297,9 @@ def test_train_drafter_end_to_end(llm_fp32, tmp_path):
     train_eagle(llm_fp32, out, replace(cfg, self_instruct=2), log=lines.append)
     assert torch.load(out / "data.pt", weights_only=False)["num_prompts"] == after["num_prompts"]
     assert not any("removed" in line or line.startswith("epoch") for line in lines)
+    # a checkpoint trained with other unrolled steps is not resumed into a mixed objective
+    with pytest.raises(ValueError, match="trained with unroll 3, this run trains with unroll 2"):
+        train_eagle(llm_fp32, out, replace(cfg, self_instruct=2, unroll=2), log=lines.append)
 
 
 def test_self_instruct_requests_are_filtered():

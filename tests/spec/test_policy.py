@@ -212,10 +212,15 @@ def test_tree_confidence_plans_what_the_tree_will_accept():
     policy.update("r", 2, 1, list(tree), 4)
     assert policy._stats["r"].gains == pytest.approx(tree)
     assert policy.calibration() == pytest.approx((4 * 0.98 + 1) / (4 * 0.98 + 1.5))  # 4 verified: 1.5 expected
-    for _ in range(60):  # confident drafts, none accepted: the drafter's word counts for little
+    for _ in range(20):  # more accepted than the confidence promised: the scale stays at most 1
+        policy.update("s", 2, 3, [0.3, 0.2, 0.1], 3)
+    assert policy.calibration() == 1.0
+    for _ in range(150):  # confident drafts, none accepted: the drafter's word counts for little
         policy.update("r", 2, 0, list(tree), 4)
     assert policy.calibration() < 0.1
     assert sum(policy.budgets(["r"], 1)) <= sum(chain_only)
+    with pytest.raises(ValueError, match="probe_every"):
+        AdaptiveSpecPolicy(8, cost, probe_every=0)
     with pytest.raises(ValueError):
         from specserve.spec.base import DraftProposal
 

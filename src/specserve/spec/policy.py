@@ -34,9 +34,9 @@ choice of k. Sequences left at zero drafts are re-probed now and then (all of th
 the same step, so a model drafter pays one call), and their estimates drift back toward the
 prior, so text that becomes predictable is noticed. A drafter that tells its confidence in
 each draft (an EAGLE tree: the product of its draft probabilities along the path) has it
-smoothed per request and calibrated against what verification accepts; the plan takes, per
-draft, the larger of a^j and that estimate, since a tree's next draft is often a sibling,
-likelier than a chain's a^j.
+smoothed per request and calibrated against what verification accepts (scaled by at most 1);
+the plan takes, per draft, the larger of a^j and that estimate, since a tree's next draft is
+often a sibling, likelier than a chain's a^j.
 """
 
 from __future__ import annotations
@@ -237,6 +237,8 @@ class AdaptiveSpecPolicy(SpecPolicy):
     def __post_init__(self) -> None:
         if self.max_k < 0:
             raise ValueError(f"max_k must be >= 0, got {self.max_k}")
+        if self.probe_every < 1:
+            raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
         if not isinstance(self.verify_cost, ForwardCost):
             raise TypeError(f"verify_cost must be a ForwardCost, got {type(self.verify_cost).__name__}")
 
@@ -247,8 +249,10 @@ class AdaptiveSpecPolicy(SpecPolicy):
         return st.accepted / max(st.accepted + st.rejected, 1e-9)
 
     def calibration(self) -> float:
-        """Accepted drafts per unit of the drafter's confidence (1 = calibrated)."""
-        return self._calib[0] / max(self._calib[1], 1e-9)
+        """Accepted drafts per unit of the drafter's confidence (1 = calibrated), at most 1:
+        a tree's sibling confidences add up to at most their parent's, and scaled up they
+        could promise more than one token per depth."""
+        return min(self._calib[0] / max(self._calib[1], 1e-9), 1.0)
 
     def plan(self, acceptances: list[float], base_tokens: int, confidences: list[np.ndarray | None] | None = None) -> list[int]:
         """Draft lengths maximising expected tokens per second for one step. The j-th draft

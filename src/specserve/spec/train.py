@@ -626,8 +626,9 @@ def _prepare(llm, out: Path, cfg: TrainConfig, log) -> Prepared:
 class _Checkpoints:
     """One checkpoint per epoch in OUT (head, optimizer, schedule, RNG): a stopped run resumes."""
 
-    def __init__(self, out: Path, head: nn.Module, opt, sched, log) -> None:
+    def __init__(self, out: Path, head: nn.Module, opt, sched, log, recipe: dict[str, Any] | None = None) -> None:
         self.path, self.head, self.opt, self.sched = out / "checkpoint.pt", head, opt, sched
+        self.recipe = recipe or {}  # what the run trains with; a checkpoint trained otherwise is refused
         self.first_epoch, self.seconds, self.rng_state = 0, 0.0, None
         if self.path.is_file():
             ckpt = torch.load(self.path, weights_only=False)
@@ -635,6 +636,10 @@ class _Checkpoints:
             try:
                 if kind != head.kind:
                     raise ValueError(f"it holds a {kind} head")
+                for key, value in self.recipe.items():
+                    if ckpt.get("recipe", {}).get(key) != value:
+                        was = ckpt.get("recipe", {}).get(key, "an earlier training")
+                        raise ValueError(f"it was trained with {key} {was}, this run trains with {key} {value}")
                 head.load_state_dict(ckpt["head"])
             except (ValueError, RuntimeError) as exc:
                 raise ValueError(
@@ -649,7 +654,7 @@ class _Checkpoints:
     def save(self, epoch: int, seconds: float, rng_state) -> None:
         self.seconds = seconds
         torch.save({"kind": self.head.kind, "head": self.head.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                    "epoch": epoch, "seconds": seconds, "rng": rng_state}, self.path)
+                    "epoch": epoch, "seconds": seconds, "rng": rng_state, "recipe": self.recipe}, self.path)
 
 
 def _optimizer(params, cfg: TrainConfig, total_steps: int):
@@ -723,7 +728,8 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     rng = random.Random(cfg.seed)
     per_epoch = len(_batches(data, cfg.batch_size, random.Random(0)))
     opt, sched = _optimizer(params, cfg, cfg.epochs * per_epoch)
-    ckpt = _Checkpoints(out, head, opt, sched, log)
+    # unrolled steps that attend as drafting does (a checkpoint without this recipe predates them)
+    ckpt = _Checkpoints(out, head, opt, sched, log, {"unroll": cfg.unroll, "attention": "drafting"})
     if ckpt.rng_state is not None:
         rng.setstate(ckpt.rng_state)
     spent = ckpt.seconds
@@ -741,7 +747,9 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
             loss = torch.zeros(())
             for step, (pred, step_logits) in enumerate(unrolled(head, tok_in, noisy * feat_std, cfg.unroll, bf16)):
                 keep = w * (torch.arange(L) >= step).view(1, L, 1)  # rows with a root `step` rows back
-                step_f = (F.smooth_l1_loss(pred / feat_std, feat_next, reduction="none") * keep).sum() / (n * H)
+                step_f = (F.smooth_l1_loss(pred / feat_std, feat_next, reduction="none") * keep).sum() / (
+                    keep.sum().clamp(min=1) * H
+                )
                 step_label = label.masked_fill(torch.arange(L).view(1, L) < step, -100).reshape(-1)
                 step_t = F.cross_entropy(step_logits, step_label, ignore_index=-100)
                 loss = loss + step_f + cfg.cls_weight * step_t
