@@ -120,16 +120,12 @@ class UnrolledBatch:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: Attention) -> torch.Tensor:
         B, L, D = self.batch, self.length, attn.head_dim
-        q = q.reshape(attn.num_heads, B, L, D).transpose(0, 1)  # [B, Hq, L, D]
-        k = k.reshape(attn.num_kv_heads, B, L, D).transpose(0, 1)
-        v = v.reshape(attn.num_kv_heads, B, L, D).transpose(0, 1)
         s = len(self.steps)
-        self.steps.append((k, v))
-        if s == 0:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=attn.scale, enable_gqa=attn.num_heads != attn.num_kv_heads
-            )
-            return out.transpose(1, 2).reshape(B * L, attn.q_size)
+        self.steps.append((k.reshape(attn.num_kv_heads, B, L, D).transpose(0, 1),  # [B, Hkv, L, D]
+                           v.reshape(attn.num_kv_heads, B, L, D).transpose(0, 1)))
+        if s == 0:  # the real inputs: plain causal attention
+            return CausalBatch(B, L).attend(q, k, v, attn)
+        q = q.reshape(attn.num_heads, B, L, D).transpose(0, 1)  # [B, Hq, L, D]
         group = attn.num_heads // attn.num_kv_heads
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # [B, Hkv, L, D] -> [B, Hq, L, D]

@@ -746,11 +746,12 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
             n = weight.sum().clamp(min=1)
             loss = torch.zeros(())
             for step, (pred, step_logits) in enumerate(unrolled(head, tok_in, noisy * feat_std, cfg.unroll, bf16)):
-                keep = w * (torch.arange(L) >= step).view(1, L, 1)  # rows with a root `step` rows back
+                rooted = (torch.arange(L) >= step).view(1, L)  # rows with a root `step` rows back
+                keep = w * rooted.unsqueeze(-1)
                 step_f = (F.smooth_l1_loss(pred / feat_std, feat_next, reduction="none") * keep).sum() / (
                     keep.sum().clamp(min=1) * H
                 )
-                step_label = label.masked_fill(torch.arange(L).view(1, L) < step, -100).reshape(-1)
+                step_label = label.masked_fill(~rooted, -100).reshape(-1)
                 step_t = F.cross_entropy(step_logits, step_label, ignore_index=-100)
                 loss = loss + step_f + cfg.cls_weight * step_t
                 if step == 0:
