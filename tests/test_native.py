@@ -2,7 +2,9 @@
 and row-invariant: a token's hidden state is bit-identical whatever else shares its
 forward (chunking, drafts, token trees, other sequences, scattered block tables).
 
-Skipped where the library cannot run (no AMX or no g++); `specserve info` says which.
+Every test runs with each library this CPU can run (AMX, and AVX2 on any x86-64 CPU with
+AVX2 and FMA) and is skipped where none can (no g++); `specserve info` says which one
+models use.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from specserve.model.loader import build_model, read_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
-needs_native = pytest.mark.skipif(native.library() is None, reason=f"native layers unavailable: {native.unavailable_reason()}")
+KINDS = [kind for kind, _, _ in native.KINDS if native.load(kind) is not None]
+
+
+@pytest.fixture(params=KINDS or [pytest.param(None, marks=pytest.mark.skip(reason="no native library runs here"))])
+def native_lib(request, monkeypatch):
+    """Each native library this CPU runs, as the one models load."""
+    lib = native.load(request.param)
+    monkeypatch.setattr(native, "library", lambda: lib)
+    return lib
 
 VOCAB = 256
 CPU = torch.device("cpu")
@@ -101,9 +111,8 @@ def decode_alone(model, ids: list[int], prefill: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
-@needs_native
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_native_layers_as_accurate_as_pytorch(tmp_path, family):
+def test_native_layers_as_accurate_as_pytorch(tmp_path, family, native_lib):
     fast, slow, ref = models(tmp_path, family)
     assert fast.native is not None
     ids = torch.randint(0, VOCAB, (60,)).tolist()
@@ -117,8 +126,7 @@ def test_native_layers_as_accurate_as_pytorch(tmp_path, family):
     assert (got["native"] - got["pytorch"]).abs().max().item() < 0.1
 
 
-@needs_native
-def test_native_row_invariance(tmp_path, monkeypatch):
+def test_native_row_invariance(tmp_path, monkeypatch, native_lib):
     model, _, _ = models(tmp_path, "llama")
     ids = torch.randint(0, VOCAB, (48,)).tolist()
     alone = decode_alone(model, ids, 40)  # rows 40..47, one token per forward
@@ -174,9 +182,8 @@ def test_native_row_invariance(tmp_path, monkeypatch):
     assert torch.equal(run(model, small, [(c, 40, ids[40:], None)]), alone)
 
 
-@needs_native
-def test_native_linear_is_exact_per_row():
-    lib = native.library()
+def test_native_linear_is_exact_per_row(native_lib):
+    lib = native_lib
     torch.manual_seed(0)
     w = (torch.randn(96, 64) * 0.1).bfloat16()
     bias = torch.randn(96)
@@ -189,8 +196,7 @@ def test_native_linear_is_exact_per_row():
         assert torch.equal(native.linear(lib, packed, bias, x[m : m + 1].contiguous())[0], y[m])
 
 
-@needs_native
-def test_native_lm_head_rows_are_exact_and_invariant(tmp_path):
+def test_native_lm_head_rows_are_exact_and_invariant(tmp_path, native_lib):
     model, slow, _ = models(tmp_path, "llama")
     assert model.native_head is not None and slow.native_head is None
     assert not hasattr(model.lm_head, "packed")  # no second (oneDNN) copy next to the native one
@@ -203,6 +209,43 @@ def test_native_lm_head_rows_are_exact_and_invariant(tmp_path):
     exact = x.float() @ model.lm_head.weight.float().T  # the same bf16 weights, an fp32 sum
     assert ((full - exact).abs() <= exact.abs() * 2**-7 + 1e-3).all()  # one bf16 rounding of an fp32-accurate sum
     assert (full - slow.compute_logits(x)).abs().max().item() <= 2**-6 * exact.abs().max().item()
+
+
+def test_native_linear_module(native_lib):
+    torch.manual_seed(0)
+    module = torch.nn.Linear(64, 96).bfloat16()
+    holder = torch.nn.Sequential(module, torch.nn.Linear(10, 7).bfloat16())  # 10 x 7: no kernel shape, kept
+    assert native.pack_native_linears(holder, native_lib) == 1
+    fast = holder[0]
+    assert isinstance(fast, native.NativeLinear) and isinstance(holder[1], torch.nn.Linear)
+    x = torch.randn(2, 5, 64).bfloat16()
+    y = fast(x)
+    assert y.shape == (2, 5, 96) and y.dtype == torch.bfloat16
+    ref = x.float() @ module.weight.float().T + module.bias.float()
+    assert (y.float() - ref).abs().max().item() <= 2 * ref.abs().max().item() / 128
+    assert torch.equal(fast(x[1]), y[1])  # rows do not depend on the others
+
+
+def test_default_dtype_is_bf16_where_native_layers_run(tmp_path, monkeypatch):
+    from specserve import api
+
+    qwen3 = tiny_checkpoint(tmp_path, "qwen3").config
+    llama = tiny_checkpoint(tmp_path, "llama").config
+    monkeypatch.setattr(api, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(native, "library", lambda: object())  # a CPU with the AVX2 library only
+    assert api.resolve_dtype(None, CPU) == torch.bfloat16  # the default model
+    assert api.resolve_dtype(None, CPU, llama) == torch.bfloat16
+    assert api.resolve_dtype(None, CPU, qwen3) == torch.float32  # PyTorch's bf16 would be slow here
+    assert api.resolve_dtype("float32", CPU, llama) == torch.float32
+    monkeypatch.setattr(native, "library", lambda: None)
+    assert api.resolve_dtype(None, CPU, llama) == torch.float32
+
+
+def test_avx2_library_on_request():
+    code = "from specserve.model import native; print(native.status())"
+    env = {**os.environ, "SPECSERVE_NATIVE": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("native (AVX2)" if "AVX2" in KINDS else "pytorch (")
 
 
 def test_other_families_and_dtypes_keep_pytorch(tmp_path):

@@ -16,6 +16,7 @@ from typing import Any, Union
 import torch
 
 from specserve.cache.kv_cache import KVCache
+from specserve.config import ModelConfig
 from specserve.engine.engine import Engine
 from specserve.engine.runner import ModelRunner
 from specserve.engine.sequence import RequestMetrics, Sequence, TokenLogprob
@@ -60,11 +61,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config: ModelConfig | None = None) -> torch.dtype:
+    """The compute dtype; by default bf16 where the hardware multiplies bf16 (CUDA with bf16,
+    AVX512-BF16 or AMX), or where the native layers run the model (`config`; None: the
+    default model) on a CPU without it (AVX2: bf16 weights and K/V, fp32 arithmetic, about
+    twice plain fp32's speed); fp32 otherwise (PyTorch's bf16 is slow on such CPUs)."""
     if dtype is None:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+        if cpu_supports_bf16():
+            return torch.bfloat16
+        fits = native.library() is not None and (config is None or native.supports_config(config) is None)
+        return torch.bfloat16 if fits else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
@@ -142,11 +150,12 @@ class LLM:
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        resolve_dtype(dtype, self.device)  # a bad dtype fails before the weights are read
         self.model_path = model if model is not None else default_model_path()
         started = time.perf_counter()
         checkpoint = read_checkpoint(self.model_path)
         cfg = checkpoint.config
+        self.dtype = resolve_dtype(dtype, self.device, cfg)
         self.config = cfg
         self.tokenizer = checkpoint.tokenizer
         limit = min(cfg.max_position_embeddings, 4096) if max_model_len is None else max_model_len

@@ -1,4 +1,6 @@
-"""Native bf16 decoder layers for x86-64 CPUs with AMX (`csrc/decode.cpp`).
+"""Native bf16 decoder layers for x86-64 CPUs: AMX tiles (`csrc/decode.cpp`), or AVX2
+and FMA on CPUs without AMX (`csrc/decode_avx2.cpp`, bf16 as a storage format with fp32
+arithmetic; the same entry points, weight layout and rounding points).
 
 At this model size PyTorch spends most of a decode step dispatching ~25 small ops per
 layer, and its matmul library pays a fixed cost per call. `NativeDecoder` runs each
@@ -11,8 +13,9 @@ after preemption.
 
 The library is compiled at first use with the system's g++ into a cache directory
 (`$SPECSERVE_CACHE`, else `$XDG_CACHE_HOME/specserve`, else `~/.cache/specserve`),
-keyed by the source, the compiler and the CPU. Without g++ or AMX-BF16, for other
-architectures, fp32 or CUDA, or with `SPECSERVE_NATIVE=0`, the model runs on PyTorch.
+keyed by the source, the compiler and the CPU. Without g++, without AVX2 and FMA, for
+other architectures, fp32 or CUDA, or with `SPECSERVE_NATIVE=0`, the model runs on
+PyTorch. `SPECSERVE_NATIVE=avx2` takes the AVX2 library on an AMX CPU too.
 """
 
 from __future__ import annotations
@@ -41,12 +44,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
+CSRC = Path(__file__).parent / "csrc"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16")
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16")  # the AMX library
+AVX2_CPU_FLAGS = ("avx2", "fma")
+# the libraries, best first: (kind, source, CPU flags it needs)
+KINDS = (("AMX", CSRC / "decode.cpp", REQUIRED_CPU_FLAGS), ("AVX2", CSRC / "decode_avx2.cpp", AVX2_CPU_FLAGS))
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _lib: ctypes.CDLL | None = None
+_kind = ""  # "AMX" or "AVX2": which library `_lib` is
+_loaded: dict[str, tuple[ctypes.CDLL | None, str]] = {}  # per kind: the library, or why there is none
 _tried = False
 _why_not = ""
 
@@ -78,71 +86,98 @@ def _compiler_version(cxx: str) -> str:
     return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile the library if no build for this source, compiler and CPU exists; returns its path."""
+def build(source: Path, verbose: bool = False) -> Path:
+    """Compile `source` into a library if no build of it for this compiler and CPU exists;
+    returns its path."""
     cxx = os.environ.get("CXX") or shutil.which("g++")
     if not cxx:
         raise RuntimeError("no C++ compiler (g++) found")
     flags = sorted(_cpu_flags())
     key = hashlib.sha256(
-        b"\0".join([SOURCE.read_bytes(), _compiler_version(cxx).encode(), " ".join(FLAGS).encode(), " ".join(flags).encode()])
+        b"\0".join([source.read_bytes(), _compiler_version(cxx).encode(), " ".join(FLAGS).encode(), " ".join(flags).encode()])
     ).hexdigest()[:16]
-    out = cache_dir() / "native" / f"decode-{key}.so"
+    out = cache_dir() / "native" / f"{source.stem}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], check=False, capture_output=True, text=True)
+        proc = subprocess.run([cxx, *FLAGS, str(source), "-o", tmp], check=False, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"compiling {source.name} failed:\n{proc.stderr.strip()[-2000:]}")
         if verbose and proc.stderr:
             log.info("%s", proc.stderr)
         os.replace(tmp, out)  # atomic: a concurrent build of the same key is harmless
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    for stale in out.parent.glob("decode-*.so"):  # builds of older sources or other CPUs
+    for stale in out.parent.glob(f"{source.stem}-*.so"):  # builds of older sources or other CPUs
         if stale != out:
             stale.unlink(missing_ok=True)
     return out
 
 
+def load(kind: str) -> ctypes.CDLL | None:
+    """The library of `kind` ("AMX" or "AVX2"), built and loaded on first use; None where
+    the CPU lacks its instructions or it cannot be built (`unavailable_reason(kind)`)."""
+    with _lock:
+        if kind not in _loaded:
+            _loaded[kind] = _load(kind)
+        return _loaded[kind][0]
+
+
+def _load(kind: str) -> tuple[ctypes.CDLL | None, str]:
+    source, needs = {k: (src, flags) for k, src, flags in KINDS}[kind]
+    missing = [f for f in needs if f not in _cpu_flags()]
+    if missing:
+        return None, f"the CPU lacks {', '.join(missing)}"
+    try:
+        lib = ctypes.CDLL(str(build(source)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        why = f"native kernels unavailable: {exc}"
+        log.warning("%s; decoding runs on PyTorch only", why)
+        return None, why
+    if lib.ss_init() != 0:
+        why = "Linux refused the AMX tile state (arch_prctl)"
+        log.warning("%s; decoding runs on PyTorch only", why)
+        return None, why
+    i64p, f32 = ctypes.POINTER(ctypes.c_int64), ctypes.c_float
+    vp, ci = ctypes.c_void_p, ctypes.c_int
+    lib.ss_layer.argtypes = [i64p, i64p, f32, f32, vp, ci, ci, i64p, i64p, i64p, i64p, i64p, vp, vp, vp, vp]
+    lib.ss_layer.restype = ci
+    lib.ss_linear.argtypes = [vp, vp, vp, vp, ci, ci, ci]
+    lib.ss_linear.restype = None
+    lib.ss_linear_f32.argtypes = [vp, vp, vp, vp, ci, ci, ci]
+    lib.ss_linear_f32.restype = None
+    return lib, ""
+
+
 def library() -> ctypes.CDLL | None:
-    """The loaded library, building it on first use; None where it cannot run here."""
-    global _lib, _tried, _why_not
+    """The library models use: AMX where the CPU has it, else AVX2 (`SPECSERVE_NATIVE=avx2`:
+    AVX2 only; `0`: none), built on first use; None where none can run here."""
+    global _lib, _kind, _tried, _why_not
     with _lock:
         if _tried:
             return _lib
         _tried = True
-        if os.environ.get("SPECSERVE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        wanted = os.environ.get("SPECSERVE_NATIVE", "1").strip().lower()
+        if wanted in ("0", "false", "no", "off"):
             _why_not = "disabled by SPECSERVE_NATIVE"
             return None
-        missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
-        if missing:
-            _why_not = f"the CPU lacks {', '.join(missing)}"
-            return None
-        try:
-            lib = ctypes.CDLL(str(build()))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            _why_not = f"native kernels unavailable: {exc}"
-            log.warning("%s; decoding runs on PyTorch only", _why_not)
-            return None
-        if lib.ss_init() != 0:
-            _why_not = "Linux refused the AMX tile state (arch_prctl)"
-            log.warning("%s; decoding runs on PyTorch only", _why_not)
-            return None
-        i64p, f32 = ctypes.POINTER(ctypes.c_int64), ctypes.c_float
-        vp, ci = ctypes.c_void_p, ctypes.c_int
-        lib.ss_layer.argtypes = [i64p, i64p, f32, f32, vp, ci, ci, i64p, i64p, i64p, i64p, i64p, vp, vp, vp, vp]
-        lib.ss_layer.restype = ci
-        lib.ss_linear.argtypes = [vp, vp, vp, vp, ci, ci, ci]
-        lib.ss_linear.restype = None
-        lib.ss_linear_f32.argtypes = [vp, vp, vp, vp, ci, ci, ci]
-        lib.ss_linear_f32.restype = None
-        _lib = lib
-        return lib
+        kinds = [k for k, _, _ in KINDS if wanted != "avx2" or k == "AVX2"]
+        for kind in kinds:
+            lib = load(kind)
+            if lib is not None:
+                _lib, _kind = lib, kind
+                return lib
+        _why_not = _loaded[kinds[-1]][1]
+        return None
+
+
+def kind_of(lib: ctypes.CDLL) -> str:
+    """"AMX" or "AVX2": which library `lib` is."""
+    return next(k for k, (loaded, _) in _loaded.items() if loaded is lib)
 
 
 def unavailable_reason() -> str:
@@ -163,6 +198,36 @@ def linear(lib: ctypes.CDLL, packed: torch.Tensor, bias: torch.Tensor | None, x:
     y = torch.empty(m, n, dtype=torch.bfloat16)
     lib.ss_linear(packed.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(), y.data_ptr(), m, k, n)
     return y
+
+
+class NativeLinear(torch.nn.Module):
+    """`y = x @ W.T + b` on the native kernel, bf16 in and out (inference only): a draft
+    head's own linears where oneDNN has no bf16 path (CPUs without AVX-512)."""
+
+    def __init__(self, linear: torch.nn.Linear, lib: ctypes.CDLL) -> None:
+        super().__init__()
+        self.lib = lib
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = vnni_pack(linear.weight.detach().to(torch.bfloat16))
+        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        return linear(self.lib, self.packed, self.bias, flat).reshape(*x.shape[:-1], self.out_features)
+
+
+def pack_native_linears(module: torch.nn.Module, lib: ctypes.CDLL) -> int:
+    """Replace each bf16 `nn.Linear` under `module` whose shape the kernels take (outputs
+    and inputs multiples of 32) by a `NativeLinear`; returns how many."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            if child.weight.dtype == torch.bfloat16 and child.out_features % 32 == 0 and child.in_features % 32 == 0:
+                setattr(module, name, NativeLinear(child, lib))
+                count += 1
+        else:
+            count += pack_native_linears(child, lib)
+    return count
 
 
 def kv_dtype(model: DecoderModel) -> torch.dtype:
@@ -203,9 +268,13 @@ class NativeLMHead:
 
 def supports(model: DecoderModel) -> str | None:
     """Why `model` cannot use the native layers, or None when it can."""
-    cfg = model.config
     if model.device.type != "cpu" or model.dtype != torch.bfloat16:
         return "native layers run bf16 models on the CPU only"
+    return supports_config(model.config)
+
+
+def supports_config(cfg: ModelConfig) -> str | None:
+    """Why a model of this architecture cannot use the native layers, or None when it can."""
     if cfg.qk_norm or cfg.sandwich_norms or cfg.hidden_act != "silu" or any(cfg.sliding_layers):
         return f"native layers cover the Llama family (plain norms, SiLU, full attention), not {cfg.family}"
     if cfg.head_dim % 32 or cfg.head_dim > 256 or cfg.hidden_size % 32 or cfg.intermediate_size % 32:
@@ -315,12 +384,12 @@ class NativeDecoder:
 def status() -> str:
     """Whether this machine can run native layers, in one line (the set-up script prints it)."""
     lib = library()
-    return f"native (AMX), {lib._name}" if lib is not None else f"pytorch ({_why_not})"
+    return f"native ({_kind}), {lib._name}" if lib is not None else f"pytorch ({_why_not})"
 
 
 def describe(model: DecoderModel) -> str:
     """Which path `model`'s layers take, and why not the native one (`specserve info`)."""
     if model.native is not None:
-        return "native (AMX)"
+        return f"native ({kind_of(model.native.lib)})"
     why = supports(model) or (_why_not if library() is None else "packing disabled")
     return f"pytorch ({why})"

@@ -115,4 +115,8 @@ def finish_load(head: nn.Module, target: nn.Module, info: dict[str, Any]):
         from specserve.model.cpu_kernels import pack_linears
 
         pack_linears(head)  # the target's bf16 fast path, for the head's own linears too
+    elif target.native is not None:
+        from specserve.model.native import pack_native_linears
+
+        pack_native_linears(head, target.native.lib)  # no oneDNN bf16 here (AVX2): the native kernel
     return head.bind(target)

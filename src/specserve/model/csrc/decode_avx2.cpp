@@ -1,0 +1,396 @@
+// Native bf16 CPU kernels for Llama-family decoder layers (x86-64 with AVX2 and FMA,
+// no AMX): the same entry points, weight layout and rounding points as decode.cpp, for
+// the many CPUs without bf16 hardware.
+//
+// bf16 here is a storage format: weights, activations and the K/V pool hold bf16
+// values, and every product of two bf16 values is exact in fp32, so a matmul is fp32
+// fused multiply-adds over bf16 inputs widened by a shift, accumulated in fp32 (as the
+// AMX tiles do; the order of the additions differs, so the two libraries agree to
+// rounding, not bit for bit). Activations are rounded to bf16 where torch's bf16 ops
+// round them.
+//
+// Row invariance, as in decode.cpp: every output row is computed by the same
+// instructions in the same order whatever the other rows of the call are. A linear
+// output accumulates its K products in order in one fp32 lane; an attention row visits
+// its visible keys in order (the cached ones, then its own and its ancestors' for a
+// token tree), so a tree row equals the chain row of the same tokens bit for bit.
+//
+// Linear weights use decode.cpp's layout [N/16][K/2][16][2] (bf16): per 16 outputs and
+// 2 inputs, 64 bytes, which widen into the even and odd inputs of 8 outputs per register.
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+typedef uint16_t bf16;
+
+// ---------------------------------------------------------------- bf16 <-> fp32
+
+static inline __m256 load8(const bf16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+// fp32 -> bf16 bits in the high half of each lane, rounded to nearest even (as torch rounds)
+static inline __m256i round_bits(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // NaN stays a (quiet) NaN
+  return _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+}
+static inline __m256 round8(__m256 v) {
+  return _mm256_castsi256_ps(_mm256_and_si256(round_bits(v), _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+static inline void store8(bf16* p, __m256 v) {
+  const __m256i h = _mm256_srli_epi32(round_bits(v), 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
+  _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
+}
+static inline float bf16_to_f32(bf16 b) {
+  const uint32_t u = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+static inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// ---------------------------------------------------------------- linear
+
+static inline void store_out(bf16* y, __m256 v) { store8(y, v); }
+static inline void store_out(float* y, __m256 v) { _mm256_storeu_ps(y, round8(v)); }
+
+// R rows (x fp32 holding bf16 values, row stride K) x 16 outputs of group g
+template <int R, typename Out>
+static inline void tile(const bf16* wg, const float* bias, const float* x, Out* y, int K, int N, int n0) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const __m256i odd = _mm256_set1_epi32((int)0xFFFF0000u);
+  for (int p = 0; p < K / 2; p++) {
+    const __m256i w0 = _mm256_loadu_si256((const __m256i*)(wg + (size_t)p * 32));
+    const __m256i w1 = _mm256_loadu_si256((const __m256i*)(wg + (size_t)p * 32 + 16));
+    const __m256 w0e = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), w0o = _mm256_castsi256_ps(_mm256_and_si256(w0, odd));
+    const __m256 w1e = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)), w1o = _mm256_castsi256_ps(_mm256_and_si256(w1, odd));
+    for (int r = 0; r < R; r++) {
+      const __m256 xe = _mm256_broadcast_ss(x + (size_t)r * K + 2 * p);
+      const __m256 xo = _mm256_broadcast_ss(x + (size_t)r * K + 2 * p + 1);
+      acc[r][0] = _mm256_fmadd_ps(w0e, xe, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(w1e, xe, acc[r][1]);
+      acc[r][0] = _mm256_fmadd_ps(w0o, xo, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(w1o, xo, acc[r][1]);
+    }
+  }
+  const __m256 b0 = bias ? _mm256_loadu_ps(bias + n0) : _mm256_setzero_ps();
+  const __m256 b1 = bias ? _mm256_loadu_ps(bias + n0 + 8) : _mm256_setzero_ps();
+  for (int r = 0; r < R; r++) {
+    store_out(y + (size_t)r * N + n0, _mm256_add_ps(acc[r][0], b0));
+    store_out(y + (size_t)r * N + n0 + 8, _mm256_add_ps(acc[r][1], b1));
+  }
+}
+
+// y[M, N] = x[M, K] @ W.T (+ bias) inside a parallel region, x fp32 (bf16 values);
+// y is bf16, or fp32 holding the bf16-rounded values. N % 16 == 0, K % 2 == 0.
+template <typename Out>
+static void linear_omp(const bf16* wp, const float* bias, const float* x, Out* y, int M, int K, int N) {
+#pragma omp for schedule(static)
+  for (int g = 0; g < N / 16; g++) {
+    const bf16* wg = wp + (size_t)g * (K / 2) * 32;
+    int m = 0;
+    for (; m + 4 <= M; m += 4) tile<4>(wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, 16 * g);
+    switch (M - m) {
+      case 3: tile<3>(wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, 16 * g); break;
+      case 2: tile<2>(wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, 16 * g); break;
+      case 1: tile<1>(wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, 16 * g); break;
+      default: break;
+    }
+  }
+}
+
+static void widen_omp(const bf16* x, float* xf, size_t n) {
+#pragma omp for schedule(static)
+  for (size_t i = 0; i < n; i++) xf[i] = bf16_to_f32(x[i]);
+}
+
+// No tile state to ask for: this library needs nothing from the kernel.
+extern "C" int ss_init(void) { return 0; }
+
+template <typename Out>
+static void linear_call(const bf16* wp, const float* bias, const bf16* x, Out* y, int M, int K, int N) {
+  static thread_local std::vector<float> xf;
+  xf.resize((size_t)M * K);
+  float* xp = xf.data();
+#pragma omp parallel
+  {
+    widen_omp(x, xp, (size_t)M * K);
+    linear_omp(wp, bias, xp, y, M, K, N);
+  }
+}
+
+extern "C" void ss_linear(const bf16* wp, const float* bias, const bf16* x, bf16* y, int M, int K, int N) {
+  linear_call(wp, bias, x, y, M, K, N);
+}
+
+extern "C" void ss_linear_f32(const bf16* wp, const float* bias, const bf16* x, float* y, int M, int K, int N) {
+  linear_call(wp, bias, x, y, M, K, N);
+}
+
+// ---------------------------------------------------------------- elementwise
+
+// exp: Cephes-style range reduction + degree-6 polynomial (about 1 ulp), as decode.cpp's
+static inline __m256 exp256(__m256 x) {
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f);
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.0f));
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, c1, x);
+  x = _mm256_fnmadd_ps(fx, c2, x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// torch's rms_norm on bf16: everything in fp32, rounded once (H % 8 == 0); out holds the
+// rounded values in fp32 (the next matmul's input)
+static void rmsnorm_row(const bf16* x, const bf16* w, float* out, int H, float eps) {
+  __m256 ss = _mm256_setzero_ps();
+  for (int i = 0; i < H; i += 8) {
+    const __m256 v = load8(x + i);
+    ss = _mm256_fmadd_ps(v, v, ss);
+  }
+  const __m256 r = _mm256_set1_ps(1.0f / sqrtf(hsum8(ss) / (float)H + eps));
+  for (int i = 0; i < H; i += 8) _mm256_storeu_ps(out + i, round8(_mm256_mul_ps(_mm256_mul_ps(load8(x + i), r), load8(w + i))));
+}
+
+// x += h (bf16, rounded once)
+static void residual_row(bf16* x, const bf16* h, int H) {
+  for (int i = 0; i < H; i += 8) store8(x + i, _mm256_add_ps(load8(x + i), load8(h + i)));
+}
+
+// act = silu(gate) * up, each rounded to bf16 as the separate torch ops do (fp32 out)
+static void silu_mul_row(const bf16* gate, const bf16* up, float* act, int I) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int i = 0; i < I; i += 8) {
+    const __m256 g = load8(gate + i);
+    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(act + i, round8(_mm256_mul_ps(round8(silu), load8(up + i))));
+  }
+}
+
+// rotary on one head (rotate-half, D % 16 == 0): fp32 math rounded to bf16, stored as
+// fp32 (queries) or bf16 (keys)
+static inline void rope_pair(const bf16* src, const float* c, const float* s, int i, int half, __m256& lo, __m256& hi) {
+  const __m256 a = load8(src + i), b = load8(src + i + half);
+  lo = _mm256_fmsub_ps(a, _mm256_loadu_ps(c + i), _mm256_mul_ps(b, _mm256_loadu_ps(s + i)));
+  hi = _mm256_fmadd_ps(b, _mm256_loadu_ps(c + i + half), _mm256_mul_ps(a, _mm256_loadu_ps(s + i + half)));
+}
+static void rope_head(const bf16* src, const float* c, const float* s, float* dst, int D) {
+  const int half = D / 2;
+  for (int i = 0; i < half; i += 8) {
+    __m256 lo, hi;
+    rope_pair(src, c, s, i, half, lo, hi);
+    _mm256_storeu_ps(dst + i, round8(lo));
+    _mm256_storeu_ps(dst + i + half, round8(hi));
+  }
+}
+static void rope_head_bf16(const bf16* src, const float* c, const float* s, bf16* dst, int D) {
+  const int half = D / 2;
+  for (int i = 0; i < half; i += 8) {
+    __m256 lo, hi;
+    rope_pair(src, c, s, i, half, lo, hi);
+    store8(dst + i, lo);
+    store8(dst + i + half, hi);
+  }
+}
+
+// ---------------------------------------------------------------- attention
+//
+// A job is one row of one sequence and one K/V head, for the `group` query heads that
+// share it. Scores q . k (fp32 over bf16 values, 8 lanes over the head dims, summed in
+// a fixed order) times the scale; softmax in fp32 over the row's visible keys; the
+// output sums p_j v_j over the visible keys in order and multiplies by 1 / sum p_j.
+
+struct SeqView {
+  const bf16 *kh, *vh;
+  int64_t base;
+  const int64_t* kidx;
+  int cs, total;
+  const uint8_t* mask;  // [rows, total] or null (causal)
+  inline int64_t at(int j) const { return kidx ? kidx[j] : base + j; }
+};
+
+struct AttnScratch {
+  std::vector<int64_t> keys;  // pool indices of the visible keys, in order
+  std::vector<float> s;       // [group][visible] scores, then probabilities
+};
+
+static void attend_row(const SeqView& sv, const float* qf, float* ao, int t, int row, int g, int group, int Hq, int D,
+                       float scale, AttnScratch& w) {
+  // visible keys: causal rows see 0..cs+row; tree rows the cached keys and their mask's
+  std::vector<int64_t>& keys = w.keys;
+  keys.clear();
+  if (sv.mask == nullptr) {
+    for (int j = 0; j <= sv.cs + row; j++) keys.push_back(sv.at(j));
+  } else {
+    const uint8_t* mrow = sv.mask + (size_t)row * sv.total;
+    for (int j = 0; j < sv.total; j++)
+      if (j < sv.cs || mrow[j]) keys.push_back(sv.at(j));
+  }
+  const int n = (int)keys.size();
+  w.s.resize((size_t)group * n);
+  const float* q0 = qf + ((size_t)t * Hq + (size_t)g * group) * D;
+  alignas(32) float kf[256];
+  for (int j = 0; j < n; j++) {
+    const bf16* k = sv.kh + keys[j] * D;
+    if (j + 1 < n) _mm_prefetch((const char*)(sv.kh + keys[j + 1] * D), _MM_HINT_T0);
+    for (int d = 0; d < D; d += 8) _mm256_store_ps(kf + d, load8(k + d));
+    for (int h = 0; h < group; h++) {
+      const float* q = q0 + (size_t)h * D;
+      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_load_ps(kf));
+      for (int d = 8; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_load_ps(kf + d), acc);
+      w.s[(size_t)h * n + j] = hsum8(acc) * scale;
+    }
+  }
+  float den[16];
+  for (int h = 0; h < group; h++) {
+    float* sc = w.s.data() + (size_t)h * n;
+    float mx = -INFINITY;
+    for (int j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+    const __m256 mv = _mm256_set1_ps(mx);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(sc + j, exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mv)));
+    if (j < n) {  // the tail through a buffer (elementwise: the lanes do not mix)
+      alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int i = j; i < n; i++) tail[i - j] = sc[i];
+      _mm256_store_ps(tail, exp256(_mm256_sub_ps(_mm256_load_ps(tail), mv)));
+      for (int i = j; i < n; i++) sc[i] = tail[i - j];
+    }
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) sum += sc[i];
+    den[h] = sum;
+  }
+  // P x V, D <= 256: the output of each head in at most 32 registers' worth of lanes
+  alignas(32) float acc[16][256];
+  for (int h = 0; h < group; h++) memset(acc[h], 0, sizeof(float) * D);
+  for (int j = 0; j < n; j++) {
+    const bf16* v = sv.vh + keys[j] * D;
+    if (j + 1 < n) _mm_prefetch((const char*)(sv.vh + keys[j + 1] * D), _MM_HINT_T0);
+    for (int d = 0; d < D; d += 8) {
+      const __m256 vv = load8(v + d);
+      for (int h = 0; h < group; h++) {
+        const __m256 p = _mm256_set1_ps(w.s[(size_t)h * n + j]);
+        _mm256_store_ps(acc[h] + d, _mm256_fmadd_ps(p, vv, _mm256_load_ps(acc[h] + d)));
+      }
+    }
+  }
+  for (int h = 0; h < group; h++) {
+    const __m256 iv = _mm256_set1_ps(1.0f / den[h]);
+    float* out = ao + ((size_t)t * Hq + (size_t)g * group + h) * D;
+    for (int d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, round8(_mm256_mul_ps(_mm256_load_ps(acc[h] + d), iv)));
+  }
+}
+
+// ---------------------------------------------------------------- the layer
+
+enum Weight { LN1, LN2, WQKV, BQKV, WO, WGU, WD, KCACHE, VCACHE, NUM_WEIGHTS };
+enum Dim { HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, POOL, NUM_DIMS };
+
+struct Job {
+  int seq, row, head;
+};
+
+struct Scratch {
+  std::vector<bf16> qkv, h, gu;
+  std::vector<float> xn, q, ao, act;
+};
+
+// The same contract as decode.cpp's ss_layer: x [T, H] bf16 is updated in place.
+// Sequence s owns rows qs[s]..qs[s+1]-1; its cache entries 0..cs[s] + rows - 1 sit at
+// pool indices kidx[s][j] (an int64 array), or base[s] + j where kidx[s] is 0. masks[s]
+// is 0 (causal) or a [rows, cs[s] + rows] bool mask. pos [T] are rotary positions, widx
+// [T] the pool index each row's K/V goes to, cos/sin [max_len, D] fp32 tables.
+extern "C" int ss_layer(const int64_t* w, const int64_t* dims, float eps, float scale, bf16* x, int T, int nseq,
+                        const int64_t* qs, const int64_t* cs, const int64_t* base, const int64_t* kidx,
+                        const int64_t* masks, const int64_t* pos, const int64_t* widx, const float* cos_t,
+                        const float* sin_t) {
+  const int H = (int)dims[HIDDEN], Hq = (int)dims[HEADS], Hkv = (int)dims[KV_HEADS], D = (int)dims[HEAD_DIM];
+  const int I = (int)dims[INTERMEDIATE];
+  const int64_t P = dims[POOL];
+  if (D % 32 != 0 || D > 256 || Hq / Hkv > 16 || H % 32 != 0 || I % 32 != 0 || Hq % Hkv != 0) return -1;
+  const int NQKV = (Hq + 2 * Hkv) * D;
+  const int group = Hq / Hkv;
+  const bf16* ln1 = (const bf16*)w[LN1];
+  const bf16* ln2 = (const bf16*)w[LN2];
+  const bf16* wqkv = (const bf16*)w[WQKV];
+  const float* bqkv = (const float*)w[BQKV];
+  const bf16* wo = (const bf16*)w[WO];
+  const bf16* wgu = (const bf16*)w[WGU];
+  const bf16* wd = (const bf16*)w[WD];
+  bf16* kc = (bf16*)w[KCACHE];
+  bf16* vc = (bf16*)w[VCACHE];
+
+  std::vector<Job> jobs;
+  for (int s = 0; s < nseq; s++)
+    for (int r = 0; r < (int)(qs[s + 1] - qs[s]); r++)
+      for (int g = 0; g < Hkv; g++) jobs.push_back(Job{s, r, g});
+  static thread_local Scratch sc;
+  sc.xn.resize((size_t)T * H);
+  sc.qkv.resize((size_t)T * NQKV);
+  sc.ao.resize((size_t)T * Hq * D);
+  sc.h.resize((size_t)T * H);
+  sc.gu.resize((size_t)T * 2 * I);
+  sc.act.resize((size_t)T * I);
+  sc.q.resize((size_t)T * Hq * D);
+  float *xn = sc.xn.data(), *ao = sc.ao.data(), *act = sc.act.data(), *qf = sc.q.data();
+  bf16 *qkv = sc.qkv.data(), *hb = sc.h.data(), *gu = sc.gu.data();
+
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; t++) rmsnorm_row(x + (size_t)t * H, ln1, xn + (size_t)t * H, H, eps);
+    linear_omp(wqkv, bqkv, xn, qkv, T, H, NQKV);
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; t++) {
+      const float* c = cos_t + pos[t] * D;
+      const float* s = sin_t + pos[t] * D;
+      const bf16* row = qkv + (size_t)t * NQKV;
+      for (int h = 0; h < Hq; h++) rope_head(row + h * D, c, s, qf + ((size_t)t * Hq + h) * D, D);
+      for (int h = 0; h < Hkv; h++) {
+        rope_head_bf16(row + (Hq + h) * D, c, s, kc + (h * P + widx[t]) * D, D);
+        memcpy(vc + (h * P + widx[t]) * D, row + (Hq + Hkv + h) * D, (size_t)D * 2);
+      }
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (size_t b = 0; b < jobs.size(); b++) {
+      static thread_local AttnScratch ws;
+      const Job& jb = jobs[b];
+      const int sq = jb.seq, rows = (int)(qs[sq + 1] - qs[sq]);
+      const SeqView sv{kc + jb.head * P * D, vc + jb.head * P * D, base[sq], (const int64_t*)kidx[sq], (int)cs[sq],
+                       (int)cs[sq] + rows, (const uint8_t*)masks[sq]};
+      attend_row(sv, qf, ao, (int)qs[sq] + jb.row, jb.row, jb.head, group, Hq, D, scale, ws);
+    }
+    linear_omp(wo, nullptr, ao, hb, T, Hq * D, H);
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; t++) {
+      residual_row(x + (size_t)t * H, hb + (size_t)t * H, H);
+      rmsnorm_row(x + (size_t)t * H, ln2, xn + (size_t)t * H, H, eps);
+    }
+    linear_omp(wgu, nullptr, xn, gu, T, H, 2 * I);
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; t++) silu_mul_row(gu + (size_t)t * 2 * I, gu + (size_t)t * 2 * I + I, act + (size_t)t * I, I);
+    linear_omp(wd, nullptr, act, hb, T, I, H);
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; t++) residual_row(x + (size_t)t * H, hb + (size_t)t * H, H);
+  }
+  return 0;
+}
