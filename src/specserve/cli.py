@@ -83,7 +83,7 @@ def _model_options(p: argparse.ArgumentParser, dtype_help: str, device: bool = T
     p.add_argument(
         "--model", metavar="PATH", help="a .gguf file or a Hugging Face model dir (default: SmolLM2-135M-Instruct)"
     )
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help=f"{dtype_help} (default: bfloat16 where the hardware has it)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help=f"{dtype_help} (default: bfloat16 where the hardware or the native layers have it, else float32)")
     if device:
         p.add_argument("--device", choices=DEVICE_CHOICES, help="default: cuda when present")
 
@@ -159,7 +159,7 @@ def build_parser() -> ArgumentParser:
     add("--target", metavar="PATH", help="the target (.gguf or HF directory; default: SmolLM2-135M-Instruct)")
     add("--kind", choices=("eagle", "medusa"), default="eagle", help="the head to train (default: eagle)")
     add("--out", required=True, metavar="DIR", help="output directory (data, checkpoint, head)")
-    add("--dtype", choices=DTYPE_CHOICES, help="dtype of the target while it writes the data (default: bfloat16 where the hardware has it)")
+    add("--dtype", choices=DTYPE_CHOICES, help="dtype of the target while it writes the data (default: bfloat16 where the hardware or the native layers have it, else float32)")
     add("--prompts", type=_count(8), default=640, metavar="N", help="synthesized prompts (default: 640, plus 30%% passage tasks)")
     add("--self-instruct", type=_count(0), default=0, metavar="N",
         help="more prompts written by the target itself from few-shot examples (default: 0); "
