@@ -31,8 +31,9 @@ saturated batch (16+ sequences on 2 cores) would lose as often as it wins. The m
 whole batch's goodput, so in a large batch one predictable sequence may go undrafted
 when drafting for it alone would gain less than that share. A single sequence gets the classic
 choice of k. Sequences left at zero drafts are re-probed now and then (all of them in
-the same step, so a model drafter pays one call), and their estimates drift back toward the
-prior, so text that becomes predictable is noticed. A drafter that tells its confidence in
+the same step, so a model drafter pays one call); a probe's outcome updates the estimate as
+any verification does (older evidence decays), so text that becomes predictable is noticed.
+An idle sequence's estimate does not move between probes. A drafter that tells its confidence in
 each draft (an EAGLE tree: the product of its draft probabilities along the path) has it
 smoothed per request and calibrated against what verification accepts (scaled by at most 1);
 the plan takes, per draft, the larger of a^j and that estimate, since a tree's next draft is
