@@ -120,7 +120,7 @@ def build(source: Path, verbose: bool = False) -> Path:
 
 def load(kind: str) -> ctypes.CDLL | None:
     """The library of `kind` ("AMX" or "AVX2"), built and loaded on first use; None where
-    the CPU lacks its instructions or it cannot be built (`unavailable_reason(kind)`)."""
+    the CPU lacks its instructions or it cannot be built (`_loaded[kind]` holds why)."""
     with _lock:
         if kind not in _loaded:
             _loaded[kind] = _load(kind)
@@ -136,11 +136,11 @@ def _load(kind: str) -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(build(source)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         why = f"native kernels unavailable: {exc}"
-        log.warning("%s; decoding runs on PyTorch only", why)
+        log.warning("%s; the %s library is not used", why, kind)
         return None, why
     if lib.ss_init() != 0:
         why = "Linux refused the AMX tile state (arch_prctl)"
-        log.warning("%s; decoding runs on PyTorch only", why)
+        log.warning("%s; the %s library is not used", why, kind)
         return None, why
     i64p, f32 = ctypes.POINTER(ctypes.c_int64), ctypes.c_float
     vp, ci = ctypes.c_void_p, ctypes.c_int
