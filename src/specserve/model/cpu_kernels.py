@@ -7,6 +7,8 @@ results. `pack_linears` swaps every `nn.Linear` of a bf16 CPU model for one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -38,13 +40,20 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
 
 
-def pack_linears(module: nn.Module) -> int:
-    """Replace each `nn.Linear` under `module` by a `PackedLinear`; returns how many."""
+def replace_linears(module: nn.Module, make: Callable[[nn.Linear], nn.Module | None]) -> int:
+    """Replace each `nn.Linear` under `module` by `make(linear)`, where that is not None;
+    returns how many were replaced."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, PackedLinear(child))
-            count += 1
+            if (new := make(child)) is not None:
+                setattr(module, name, new)
+                count += 1
         else:
-            count += pack_linears(child)
+            count += replace_linears(child, make)
     return count
+
+
+def pack_linears(module: nn.Module) -> int:
+    """Replace each `nn.Linear` under `module` by a `PackedLinear`; returns how many."""
+    return replace_linears(module, PackedLinear)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from specserve.model.cpu_kernels import replace_linears
 from specserve.model.layers import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -53,7 +54,6 @@ KINDS = (("AMX", CSRC / "decode.cpp", REQUIRED_CPU_FLAGS), ("AVX2", CSRC / "deco
 
 _lock = threading.RLock()
 _lib: ctypes.CDLL | None = None
-_kind = ""  # "AMX" or "AVX2": which library `_lib` is
 _loaded: dict[str, tuple[ctypes.CDLL | None, str]] = {}  # per kind: the library, or why there is none
 _tried = False
 _why_not = ""
@@ -156,7 +156,7 @@ def _load(kind: str) -> tuple[ctypes.CDLL | None, str]:
 def library() -> ctypes.CDLL | None:
     """The library models use: AMX where the CPU has it, else AVX2 (`SPECSERVE_NATIVE=avx2`:
     AVX2 only; `0`: none), built on first use; None where none can run here."""
-    global _lib, _kind, _tried, _why_not
+    global _lib, _tried, _why_not
     with _lock:
         if _tried:
             return _lib
@@ -169,7 +169,7 @@ def library() -> ctypes.CDLL | None:
         for kind in kinds:
             lib = load(kind)
             if lib is not None:
-                _lib, _kind = lib, kind
+                _lib = lib
                 return lib
         _why_not = _loaded[kinds[-1]][1]
         return None
@@ -219,15 +219,12 @@ class NativeLinear(torch.nn.Module):
 def pack_native_linears(module: torch.nn.Module, lib: ctypes.CDLL) -> int:
     """Replace each bf16 `nn.Linear` under `module` whose shape the kernels take (outputs
     and inputs multiples of 32) by a `NativeLinear`; returns how many."""
-    count = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, torch.nn.Linear):
-            if child.weight.dtype == torch.bfloat16 and child.out_features % 32 == 0 and child.in_features % 32 == 0:
-                setattr(module, name, NativeLinear(child, lib))
-                count += 1
-        else:
-            count += pack_native_linears(child, lib)
-    return count
+
+    def make(child: torch.nn.Linear) -> NativeLinear | None:
+        fits = child.weight.dtype == torch.bfloat16 and child.out_features % 32 == 0 and child.in_features % 32 == 0
+        return NativeLinear(child, lib) if fits else None
+
+    return replace_linears(module, make)
 
 
 def kv_dtype(model: DecoderModel) -> torch.dtype:
@@ -384,7 +381,7 @@ class NativeDecoder:
 def status() -> str:
     """Whether this machine can run native layers, in one line (the set-up script prints it)."""
     lib = library()
-    return f"native ({_kind}), {lib._name}" if lib is not None else f"pytorch ({_why_not})"
+    return f"native ({kind_of(lib)}), {lib._name}" if lib is not None else f"pytorch ({_why_not})"
 
 
 def describe(model: DecoderModel) -> str:
