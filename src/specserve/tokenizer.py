@@ -322,13 +322,13 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Load the tokenizer stored in a GGUF file's metadata."""
-        from gguf import GGUFReader
+        from specserve.model.gguf_file import read_gguf
 
-        return cls.from_gguf_fields(GGUFReader(os.fspath(path)).fields)
+        return cls.from_gguf_fields(read_gguf(path).metadata)
 
     @classmethod
     def from_gguf_fields(cls, fields: Mapping[str, Any]) -> Tokenizer:
-        """Build the tokenizer from GGUF metadata (``GGUFReader(path).fields``).
+        """Build the tokenizer from GGUF metadata: plain values (``read_gguf(path).metadata``) or ``gguf.GGUFReader(path).fields``.
 
         Only ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE) is supported; the pre-tokenizer is
         chosen from ``tokenizer.ggml.pre`` (see :data:`GGUF_PRE_TOKENIZER_REGEXES`). Tokens typed

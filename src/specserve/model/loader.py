@@ -96,13 +96,6 @@ def _read_hf_dir(path: str) -> Checkpoint:
 # ---------------------------------------------------------------- GGUF
 
 
-def _gguf_value(fields: Any, key: str, default: Any = None) -> Any:
-    field = fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
-
-
 def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's interleaved-RoPE permutation of Q/K rows (weights `[n_head*hd, in]` or biases)."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
@@ -137,22 +130,20 @@ def _gguf_name_to_hf(name: str) -> str:
 
 
 def _read_gguf(path: str) -> Checkpoint:
-    from gguf import GGUFReader
-
+    from specserve.model.gguf_file import read_gguf
     from specserve.model.gguf_quants import dequantize
-
     from specserve.tokenizer import Tokenizer
 
-    reader = GGUFReader(path)
-    fields = reader.fields
-    arch = _gguf_value(fields, "general.architecture")
+    gguf = read_gguf(path)
+    fields = gguf.metadata
+    arch = fields.get("general.architecture")
     family = registry.family_for_gguf(arch)
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in gguf.tensors}
     if "rope_freqs.weight" in names:
         raise ValueError("GGUF files with per-frequency RoPE factors (rope_freqs) are not supported yet")
 
     def meta(key: str, default: Any = None) -> Any:
-        return _gguf_value(fields, f"{arch}.{key}", default)
+        return fields.get(f"{arch}.{key}", default)
 
     tokenizer = Tokenizer.from_gguf_fields(fields)
     hidden = int(meta("embedding_length"))
@@ -188,7 +179,7 @@ def _read_gguf(path: str) -> Checkpoint:
         tie_word_embeddings="output.weight" not in names,
     )
     tensors: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
+    for t in gguf.tensors:
         tensor = dequantize(t.data, t.tensor_type, [int(d) for d in reversed(t.shape)])
         if arch == "llama" and t.name.startswith("blk.") and ".attn_q." in t.name:
             tensor = _unpermute_rope(tensor, heads)

@@ -16,7 +16,11 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.max_len = max_len
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # the loader assigns every weight: no random init (on the meta device, Embedding's
+        # normal_ init would import torch._dynamo, 2 s of every model load)
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(cfg, s) for s in cfg.sliding_layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
