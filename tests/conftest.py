@@ -51,6 +51,19 @@ def llm_bf16():
 
 
 @pytest.fixture(scope="session")
+def llm_exact(request):
+    """The default model where every way of computing a request gives the same tokens
+    (`bit_exact`): bf16 on the native layers, the served default, 4x faster than the fp32
+    PyTorch path on a CPU without AMX; fp32 elsewhere. Tests of speculation, sampling and
+    training logic use it and stay strict on every machine; tests of the PyTorch compute
+    path itself ask for `llm_fp32`."""
+    from specserve.equivalence import bit_exact
+
+    llm = request.getfixturevalue("llm_bf16")
+    return llm if bit_exact(llm) else request.getfixturevalue("llm_fp32")
+
+
+@pytest.fixture(scope="session")
 def hf_smollm_fp32(gguf_path):
     """transformers' own model from the same GGUF file (it dequantizes it itself)."""
     transformers = pytest.importorskip("transformers")

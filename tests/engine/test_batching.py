@@ -106,7 +106,7 @@ def test_batched_greedy_equals_alone(spec, concurrency, llm_bf16, batch_requests
     assert not failures, "\n".join(failures)
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(llm_fp32, batch_requests):
+def test_seeded_sampling_does_not_depend_on_the_batch(llm_exact, batch_requests):
     """A seeded request's tokens are the same alone or in a batch of 12, and (with the
     model-free drafters, whose verification draws the target's own token at every
     position) the same with speculation as without."""
@@ -115,36 +115,35 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llm_fp32, batch_requests):
     fillers = [(ids, SamplingParams(temperature=0.8, max_tokens=16, seed=7)) for ids, _ in batch_requests[4:12]]
     plain_alone = None
     for spec in (None, "ngram", "suffix"):
-        llm_fp32.set_spec(spec)
+        llm_exact.set_spec(spec)
         try:
-            alone = [run_staggered(llm_fp32.engine, [(p, sp)], 1)[0].output_ids for p, sp in zip(prompts, params)]
-            mixed = run_staggered(llm_fp32.engine, list(zip(prompts, params)) + fillers, 12)
+            alone = [run_staggered(llm_exact.engine, [(p, sp)], 1)[0].output_ids for p, sp in zip(prompts, params)]
+            mixed = run_staggered(llm_exact.engine, list(zip(prompts, params)) + fillers, 12)
         finally:
-            llm_fp32.set_spec(None)
+            llm_exact.set_spec(None)
         assert [s.output_ids for s in mixed[:4]] == alone, spec
         plain_alone = plain_alone or alone
         assert alone == plain_alone, spec
 
 
-def test_prefix_cache_reuses_blocks_and_keeps_outputs(llm_fp32):
+def test_prefix_cache_reuses_blocks_and_keeps_outputs(llm_exact):
     system = "You are a careful assistant. " * 60
     convs = [
         [{"role": "system", "content": system}, {"role": "user", "content": q}]
         for q in ("Name a color.", "Name a fruit.", "Name a city.")
     ]
-    cache = llm_fp32.engine.cache
+    cache = llm_exact.engine.cache
+    llm_exact.reset_prefix_cache()  # the session's model: start from a cold cache
     params = SamplingParams(max_tokens=8)
-    first = llm_fp32.chat(convs[0], params)[0]
-    later = llm_fp32.chat(convs[1:], params)
-    shared = len(llm_fp32.chat_prompt(convs[0])) - 16  # at least this much is a common prefix
+    first = llm_exact.chat(convs[0], params)[0]
+    later = llm_exact.chat(convs[1:], params)
+    shared = len(llm_exact.chat_prompt(convs[0])) - 16  # at least this much is a common prefix
     for out in later:
         assert out.metrics.cached_tokens >= shared // cache.block_size * cache.block_size - cache.block_size
-    # the same outputs computed without the prefix cache: a fresh engine per conversation
-    fresh = LLM(dtype="float32", device="cpu", max_num_seqs=2, max_model_len=1024)
+    # the same outputs computed without the prefix cache: another engine, emptied per conversation
+    fresh = LLM(dtype=str(llm_exact.dtype).removeprefix("torch."), device="cpu", max_num_seqs=2, max_model_len=1024)
     for conv, out in zip(convs, [first, *later]):
-        fresh.engine.cache = fresh.engine.runner.cache = type(cache)(
-            cache.num_layers, 2, 1024, fresh.config.num_kv_heads, fresh.config.head_dim, torch.float32, "cpu"
-        )
+        fresh.reset_prefix_cache()
         again = fresh.chat(conv, params)[0]
         assert again.metrics.cached_tokens == 0
         assert again.token_ids == out.token_ids

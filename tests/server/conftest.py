@@ -1,5 +1,6 @@
-"""Real `specserve serve` processes for the server tests (float32, so that batching cannot
-flip a greedy token: the tests compare outputs across requests and servers)."""
+"""Real `specserve serve` processes for the server tests, in a dtype where batching cannot
+flip a greedy token (the tests compare outputs across requests and servers): bf16 on the
+row-invariant native layers where the CPU runs them (the served default), else float32."""
 
 from __future__ import annotations
 
@@ -20,6 +21,17 @@ MODEL = "test-model"
 API_KEY = "test-key-123"
 # SPECSERVE_SERVER_TEST_DEVICE=cuda runs the same server tests on a GPU (the device check does)
 DEVICE = os.environ.get("SPECSERVE_SERVER_TEST_DEVICE", "cpu")
+
+
+def _exact_dtype() -> str:
+    if DEVICE != "cpu":
+        return "float32"
+    from specserve.model import native
+
+    return "bfloat16" if native.library() is not None else "float32"
+
+
+DTYPE = _exact_dtype()
 
 
 def free_port() -> int:
@@ -46,7 +58,7 @@ class Server:
         ]
         cmd += [
             "--dtype",
-            "float32",
+            DTYPE,
             "--device",
             DEVICE,
             "--log-level",

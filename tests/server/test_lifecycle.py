@@ -117,7 +117,7 @@ def test_bench_serve_small(tmp_path, questions_file):
         "--categories",
         "writing,math_reasoning",
     ]
-    cmd += ["--max-num-seqs", "2", "--dtype", "float32", "--out", str(tmp_path)]
+    cmd += ["--max-num-seqs", "2", "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "PASS: 0 errors, 0 lost or duplicated tokens" in r.stdout

@@ -172,8 +172,8 @@ def _eagle_outputs(llm, head_dir, prompts, params, k=10):
     return generate_with(llm, f"eagle:{head_dir}", prompts, params, k)
 
 
-def test_untrained_head_is_still_lossless(llm_fp32, random_head_dir):
-    llm = llm_fp32
+def test_untrained_head_is_still_lossless(llm_exact, random_head_dir):
+    llm = llm_exact
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS[:3]]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     plain = llm.generate(prompts, params)
@@ -187,9 +187,11 @@ needs_head = pytest.mark.skipif(not (DEFAULT_EAGLE / "head.safetensors").is_file
 
 
 @needs_head
-@pytest.mark.parametrize("spec", ["eagle", "ngram+eagle"])  # the head alone, and after copying (spec/hybrid.py)
-def test_packaged_head_greedy_equals_plain_fp32_batched(llm_fp32, spec):
-    llm = llm_fp32
+# the head alone on the PyTorch compute path (fp32) and, after copying (spec/hybrid.py), on the
+# served one (bf16 on the native layers where the CPU has them)
+@pytest.mark.parametrize(("spec", "llm_fixture"), [("eagle", "llm_fp32"), ("ngram+eagle", "llm_exact")])
+def test_packaged_head_greedy_equals_plain_batched(spec, llm_fixture, request):
+    llm = request.getfixturevalue(llm_fixture)
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
     params = SamplingParams(max_tokens=64)
     plain = llm.generate(prompts, params)
@@ -225,8 +227,8 @@ def test_packaged_head_bf16_equals_plain_up_to_near_ties(llm_bf16):
 
 @needs_head
 @pytest.mark.parametrize("spec", ["eagle", "ngram+eagle"])
-def test_packaged_head_seeded_sampling_equals_plain(llm_fp32, spec):
-    llm = llm_fp32
+def test_packaged_head_seeded_sampling_equals_plain(llm_exact, spec):
+    llm = llm_exact
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS[:3] + PROMPTS[-1:]]
     params = [SamplingParams(max_tokens=40, temperature=0.8, top_p=0.95, seed=7 + i) for i in range(4)]
     plain = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
@@ -260,27 +262,27 @@ def test_target_features_of_a_batch_are_those_of_each_sample_alone(llm_bf16):
             torch.testing.assert_close(t.float(), a.float(), atol=0.1, rtol=0.05)
 
 
-def test_train_drafter_end_to_end(llm_fp32, tmp_path):
+def test_train_drafter_end_to_end(llm_exact, tmp_path):
     """A tiny run of the training pipeline: data, a checkpoint, a head that loads and is lossless;
     a second run resumes from the cached data and checkpoint."""
     from specserve.spec.train import TrainConfig, train_eagle
 
     cfg = TrainConfig(prompts=8, max_tokens=24, epochs=1, batch_size=4, draft_vocab=1024, batch_generate=8)
     lines: list[str] = []
-    out = train_eagle(llm_fp32, tmp_path / "head", cfg, log=lines.append)
+    out = train_eagle(llm_exact, tmp_path / "head", cfg, log=lines.append)
     assert (out / "head.safetensors").is_file() and (out / "data.pt").is_file() and (out / "checkpoint.pt").is_file()
     assert any(line.startswith("epoch 1:") for line in lines)
     lines.clear()
-    train_eagle(llm_fp32, out, cfg, log=lines.append)
+    train_eagle(llm_exact, out, cfg, log=lines.append)
     assert any("reused" in line for line in lines) and not any(line.startswith("epoch") for line in lines)
-    llm = llm_fp32
+    llm = llm_exact
     prompts = [llm.chat_prompt([{"role": "user", "content": PROMPTS[1]}])]
     params = SamplingParams(max_tokens=24)
     assert _eagle_outputs(llm, out, prompts, params)[0].token_ids == llm.generate(prompts, params)[0].token_ids
     # asking for self-instruct prompts extends the cached data and retrains on all of it
     before = torch.load(out / "data.pt", weights_only=False)
     lines.clear()
-    train_eagle(llm_fp32, out, replace(cfg, self_instruct=4), log=lines.append)
+    train_eagle(llm_exact, out, replace(cfg, self_instruct=4), log=lines.append)
     after = torch.load(out / "data.pt", weights_only=False)
     assert after["self_instruct"] == 4 and after["num_prompts"] == before["num_prompts"] + 4
     assert len(after["tokens"]) == len(after["feats"]) == len(after["response_start"]) == after["num_prompts"]
@@ -294,12 +296,12 @@ def test_train_drafter_end_to_end(llm_fp32, tmp_path):
     assert "4 requests written by the target itself" in config["training"]["data"]
     # asking again for as many (or fewer) leaves the data and the checkpoint alone
     lines.clear()
-    train_eagle(llm_fp32, out, replace(cfg, self_instruct=2), log=lines.append)
+    train_eagle(llm_exact, out, replace(cfg, self_instruct=2), log=lines.append)
     assert torch.load(out / "data.pt", weights_only=False)["num_prompts"] == after["num_prompts"]
     assert not any("removed" in line or line.startswith("epoch") for line in lines)
     # a checkpoint trained with other unrolled steps is not resumed into a mixed objective
     with pytest.raises(ValueError, match="trained with unroll 3, this run trains with unroll 2"):
-        train_eagle(llm_fp32, out, replace(cfg, self_instruct=2, unroll=2), log=lines.append)
+        train_eagle(llm_exact, out, replace(cfg, self_instruct=2, unroll=2), log=lines.append)
 
 
 def test_self_instruct_requests_are_filtered():
@@ -315,12 +317,12 @@ def test_self_instruct_requests_are_filtered():
         assert _self_instruct_request(bad, examples) is None, bad
 
 
-def test_self_instruct_prompts_are_distinct_and_seeded(llm_fp32):
+def test_self_instruct_prompts_are_distinct_and_seeded(llm_exact):
     from specserve.spec.train import self_instruct_prompts
 
-    first = self_instruct_prompts(llm_fp32, 6, seed=3, batch=8)
+    first = self_instruct_prompts(llm_exact, 6, seed=3, batch=8)
     assert len(first) == 6 and len({p.lower() for p in first}) == 6
-    assert self_instruct_prompts(llm_fp32, 6, seed=3, batch=8) == first
+    assert self_instruct_prompts(llm_exact, 6, seed=3, batch=8) == first
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

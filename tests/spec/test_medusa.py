@@ -111,8 +111,8 @@ def _medusa(llm, head_dir, prompts, params, k=10):
     return generate_with(llm, f"medusa:{head_dir}", prompts, params, k)
 
 
-def test_random_heads_are_lossless_batched(llm_fp32, random_heads):
-    llm = llm_fp32
+def test_random_heads_are_lossless_batched(llm_exact, random_heads):
+    llm = llm_exact
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
     params = SamplingParams(max_tokens=32, ignore_eos=True)
     plain = llm.generate(prompts, params)
@@ -122,10 +122,10 @@ def test_random_heads_are_lossless_batched(llm_fp32, random_heads):
         assert o.metrics.drafted_tokens > 0
 
 
-def test_accepted_tree_branches_are_lossless(llm_fp32, echo_heads):
+def test_accepted_tree_branches_are_lossless(llm_exact, echo_heads):
     """Heads that guess the target's own next token draft a repetitive answer right: the
     accepted branches' K/V are compacted into place and the output stays plain's."""
-    llm = llm_fp32
+    llm = llm_exact
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in (REPEAT, PROMPTS[1])]
     params = SamplingParams(max_tokens=48)
     plain = llm.generate(prompts, params)
@@ -147,8 +147,8 @@ def test_bf16_equals_plain_up_to_near_ties(llm_bf16, echo_heads):
     assert out[0].metrics.accepted_tokens > 0
 
 
-def test_seeded_sampling_equals_plain(llm_fp32, echo_heads):
-    llm = llm_fp32
+def test_seeded_sampling_equals_plain(llm_exact, echo_heads):
+    llm = llm_exact
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in (REPEAT, *PROMPTS[:3])]
     params = [SamplingParams(max_tokens=40, temperature=0.8, top_p=0.95, seed=11 + i) for i in range(4)]
     plain = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
@@ -159,8 +159,8 @@ def test_seeded_sampling_equals_plain(llm_fp32, echo_heads):
 
 
 @pytest.mark.skipif(not (DEFAULT_MEDUSA / "head.safetensors").is_file(), reason="no packaged heads")
-def test_packaged_heads_greedy_equal_plain_fp32_batched(llm_fp32):
-    llm = llm_fp32
+def test_packaged_heads_greedy_equal_plain_batched(llm_exact):
+    llm = llm_exact
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
     params = SamplingParams(max_tokens=64)
     plain = llm.generate(prompts, params)
@@ -172,7 +172,7 @@ def test_packaged_heads_greedy_equal_plain_fp32_batched(llm_fp32):
     assert (accepted + forwards) / forwards > 1.15  # the trained heads draft tokens the target accepts
 
 
-def test_train_medusa_end_to_end(llm_fp32, tmp_path):
+def test_train_medusa_end_to_end(llm_exact, tmp_path):
     """A tiny run: data, a checkpoint, heads that load and are lossless; a second run
     resumes; an EAGLE checkpoint in the directory is refused with a clear error."""
     from specserve.spec.train import TrainConfig, train_drafter
@@ -180,20 +180,20 @@ def test_train_medusa_end_to_end(llm_fp32, tmp_path):
     cfg = TrainConfig(prompts=8, max_tokens=24, epochs=1, batch_size=4, draft_vocab=1024, batch_generate=8,
                       kind="medusa", medusa_heads=3)
     lines: list[str] = []
-    out = train_drafter(llm_fp32, tmp_path / "heads", cfg, log=lines.append)
+    out = train_drafter(llm_exact, tmp_path / "heads", cfg, log=lines.append)
     assert (out / "head.safetensors").is_file() and (out / "checkpoint.pt").is_file()
     assert any(line.startswith("epoch 1:") and "top-1 per head" in line for line in lines)
     lines.clear()
-    train_drafter(llm_fp32, out, cfg, log=lines.append)
+    train_drafter(llm_exact, out, cfg, log=lines.append)
     assert any("reused" in line for line in lines) and not any(line.startswith("epoch") for line in lines)
-    head = load_head(out, llm_fp32.engine.runner.model)
+    head = load_head(out, llm_exact.engine.runner.model)
     assert head.num_heads == 3 and head.info["training"]["epochs"] == 1
-    llm = llm_fp32
+    llm = llm_exact
     prompts = [llm.chat_prompt([{"role": "user", "content": PROMPTS[1]}])]
     params = SamplingParams(max_tokens=24)
     assert _medusa(llm, out, prompts, params)[0].token_ids == llm.generate(prompts, params)[0].token_ids
     with pytest.raises(ValueError, match="not a checkpoint of this eagle head"):
-        train_drafter(llm_fp32, out, TrainConfig(prompts=8, max_tokens=24, epochs=2, draft_vocab=1024), log=lines.append)
+        train_drafter(llm_exact, out, TrainConfig(prompts=8, max_tokens=24, epochs=2, draft_vocab=1024), log=lines.append)
 
 
 def test_heads_of_another_kind_are_refused(llm_fp32, random_heads):

@@ -152,10 +152,10 @@ def test_tree_greedy_equals_plain_bf16_up_to_near_ties(llm_bf16):
         assert d.ok, d.describe()
 
 
-def test_tree_seeded_sampling_equals_plain(llm_fp32):
+def test_tree_seeded_sampling_equals_plain(llm_exact):
     """Counter-based uniforms: the walk emits, at every output position, the token plain
     sampling draws with that position's uniform, so a seeded request is token-identical."""
-    llm = llm_fp32
+    llm = llm_exact
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS[:4]]
     params = [SamplingParams(max_tokens=40, temperature=0.8, top_p=0.95, seed=10 + i, ignore_eos=True) for i in range(4)]
     plain = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
