@@ -24,7 +24,10 @@ probability and keeps the count K that maximises goodput
     (S + sum of the chosen a_i^j) / t(K)
 
 so speculation shrinks as the batch grows (the forward stops being flat in n) and
-switches off when it would slow the batch down. A plan predicted to beat no drafting
+switches off when it would slow the batch down. In a step that also runs prefill chunks,
+the chunks' time is spent whatever is drafted: t(K) there is t(0) of the same sequences
+decoding alone plus what the K drafts add to the step, so a long chunk, which makes the
+step slow, does not make drafts look free. A plan predicted to beat no drafting
 by less than `min_gain` (3%) drafts nothing: near break-even the prediction's error
 (the cost table is measured once, the batch's shapes vary) is as large as the gain, and a
 saturated batch (16+ sequences on 2 cores) would lose as often as it wins. The margin is a share of the
@@ -33,6 +36,9 @@ when drafting for it alone would gain less than that share. A single sequence ge
 choice of k. Sequences left at zero drafts are re-probed now and then (all of them in
 the same step, so a model drafter pays one call); a probe's outcome updates the estimate as
 any verification does (older evidence decays), so text that becomes predictable is noticed.
+A sequence is probed only where the plan would draft for it were its acceptance
+`probe_acceptance` (0.9): where a drafted row costs a fifth of the batch's step (a 4-sequence
+batch on 2 AVX2 cores), no outcome of the probe could make drafting pay, and each probe is a loss.
 An idle sequence's estimate does not move between probes. A drafter that tells its confidence in
 each draft (an EAGLE tree: the product of its draft probabilities along the path) has it
 smoothed per request and calibrated against what verification accepts (scaled by at most 1);
@@ -221,6 +227,7 @@ class AdaptiveSpecPolicy(SpecPolicy):
     prior_weight: float = 4.0
     decay: float = 0.9
     probe_every: int = 8
+    probe_acceptance: float = 0.9  # probe only sequences that would be drafted for at this acceptance
     min_gain: float = 0.03  # draft only when the plan beats no drafting by this share of goodput
     confidence_weight: float = 0.5  # weight of a step's draft confidences in a request's smoothed gains
     _stats: dict[str, _Stats] = field(default_factory=dict)
@@ -276,6 +283,12 @@ class AdaptiveSpecPolicy(SpecPolicy):
         expected = S + np.concatenate(([0.0], np.cumsum([g for g, _ in gains])))
         cost = self.scale * self.verify_cost.many(S, base_tokens + counts, self._context)
         cost = cost + self.overhead(S, counts) + self.draft_cost * counts
+        if base_tokens > S:
+            # prefill chunks ride in this step: their time is spent whatever is drafted, so
+            # drafts are weighed by what they add against the rate of a step without them
+            # (else a long chunk makes any draft look free and rides its cost on the decodes)
+            plain = self.scale * self.verify_cost(S, S, self._context) + self.overhead(S, 0)
+            cost = cost - cost[0] + plain
         rates = (expected / cost).tolist()
         best_rate, best_count = rates[0], 0
         for count in range(1, len(rates)):
@@ -304,11 +317,23 @@ class AdaptiveSpecPolicy(SpecPolicy):
         # every step of a large batch, each call for one draft token)
         self._planned_steps += 1
         probe_now = self._planned_steps % self.probe_every == 0
+        due = []
         for idx, (rid, k) in enumerate(zip(request_ids, ks)):
             if k == 0:
                 idle = self._idle.get(rid, 0) + 1
                 self._idle[rid] = idle
                 if probe_now and idle >= self.probe_every:
+                    due.append(idx)
+        if due:
+            # a probe is worth its draft only where some outcome could change the plan: with
+            # the due sequences as predictable as `probe_acceptance`, would they be drafted for?
+            # (On a CPU where each drafted row costs a fifth of a batch's step, they would not be.)
+            hopeful = [self.acceptance(r) for r in request_ids]
+            for idx in due:
+                hopeful[idx] = max(hopeful[idx], self.probe_acceptance)
+            worth = self.plan(hopeful, max(other_tokens, len(request_ids)), confidences)
+            for idx in due:
+                if worth[idx] > 0:
                     ks[idx] = 1
         return ks
 
