@@ -75,6 +75,40 @@ def test_step_times_teach_the_scale_and_drafting_costs_count():
     assert sum(policy.plan([0.7] * 4, 4)) < cheap
 
 
+def test_a_drafters_catch_up_is_not_a_cost_per_draft():
+    """An EAGLE head's first call for a request runs its layer over the whole prompt: that
+    time grows with the prompt, not with the drafts, and stays out of the cost per draft
+    token (and, like all drafting time, out of the step overhead's fit)."""
+    cost = linear_cost(per_row=0.001)
+    policy = AdaptiveSpecPolicy(8, cost)
+    policy.observe_draft_time(0.052, 2, catch_up=0.050)
+    assert policy.draft_cost == pytest.approx(0.001)
+    policy.observe_step(1, 3, 0.052 + cost(1, 3), forward_seconds=cost(1, 3), drafted=2, decoding=1)
+    assert policy.overhead(1, 2) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_prefill_chunks_in_a_step_do_not_make_drafts_look_free():
+    """Four sequences decode while a 500-token prompt prefills: the step is slow whatever is
+    drafted, so drafts are weighed against a step of the four decoding alone, where a row
+    costing a sixth of the step needs an acceptance above what 0.6 gives."""
+    cost = linear_cost(base=0.02, per_seq=0.0, per_row=0.01)
+    policy = AdaptiveSpecPolicy(8, cost)
+    assert policy.plan([0.6] * 4, 4) == [0] * 4
+    assert policy.plan([0.6] * 4, 4 + 500) == [0] * 4
+    assert sum(policy.plan([0.99] * 4, 4 + 500)) > 0  # near-certain drafts still pay
+
+
+def test_probes_are_skipped_where_no_acceptance_could_make_drafting_pay():
+    # a drafted row costs 45% of the step of two sequences: not even an acceptance of 0.9 pays for it
+    steep = AdaptiveSpecPolicy(4, linear_cost(base=0.02, per_seq=0.0, per_row=0.1), probe_every=2)
+    cheap = AdaptiveSpecPolicy(4, linear_cost(per_row=0.0005), probe_every=2)
+    for policy in (steep, cheap):
+        for _ in range(30):
+            policy.update("a", 4, 0)
+    assert all(sum(steep.budgets(["a", "b"], 2)) == 0 for _ in range(8))
+    assert any(sum(cheap.budgets(["a", "b"], 2)) > 0 for _ in range(8))
+
+
 def test_step_overhead_is_learned_apart_from_the_forward():
     """Steps whose time outside the forward is fixed + per sequence + per draft token: the
     policy learns the three parts and a forward scale of 1."""

@@ -386,7 +386,9 @@ class Engine:
         t0 = time.perf_counter()
         proposal = self.drafter.propose([self._view(s) for s in decoding], budgets)
         draft_time = time.perf_counter() - t0
-        self.policy.observe_draft_time(draft_time, sum(len(t) for t in proposal.token_ids))
+        self.policy.observe_draft_time(
+            draft_time, sum(len(t) for t in proposal.token_ids), catch_up=proposal.catch_up_seconds
+        )
         for seq in decoding:
             seq.metrics.draft_time += draft_time
         # a prefix of a tree's drafts is a tree: parents come first (confidence may run on)

@@ -48,12 +48,19 @@ class DraftProposal:
     path), non-increasing, and may run on past `token_ids[i]` with the nodes a larger
     budget would have added next. The load-aware policy plans budgets with it (never
     verification: it changes no output). None: no estimate (a copied chain).
+
+    `catch_up_seconds` is the part of the call spent bringing the drafter's own state up
+    to date with tokens accepted since it last drafted (an EAGLE head's cache over the
+    prompt and the accepted tokens' features), not on drafting: it grows with the tokens
+    since the last call, not with the drafts asked for, so the load-aware policy does not
+    count it in the cost of a draft token.
     """
 
     token_ids: list[list[int]]
     probs: list[torch.Tensor | None] = field(default_factory=list)
     parents: list[list[int] | None] = field(default_factory=list)
     confidence: list[list[float] | None] = field(default_factory=list)
+    catch_up_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)

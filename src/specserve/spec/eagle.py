@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,11 +202,13 @@ class EagleDrafter:
             active.append(i)
         if not active:
             return DraftProposal(tokens, parents=parents)
+        t0 = time.perf_counter()
         roots = self._catch_up([seqs[i] for i in active])
+        catch_up = time.perf_counter() - t0
         trees = self._grow([seqs[i] for i in active], roots, [budgets[i] for i in active])
         for i, (tree_tokens, tree_parents, tree_conf) in zip(active, trees):
             tokens[i], parents[i], confidence[i] = tree_tokens, tree_parents, tree_conf
-        return DraftProposal(tokens, parents=parents, confidence=confidence)
+        return DraftProposal(tokens, parents=parents, confidence=confidence, catch_up_seconds=catch_up)
 
     def _region(self, view: SequenceView) -> int:
         return view.slot * self.max_len

@@ -61,6 +61,7 @@ class HybridDrafter:
         parents: list[list[int] | None] = [None] * n
         confidence: list[list[float] | None] = [None] * n
         model_budgets = [0] * n
+        catch_up = 0.0
         for i, (view, budget) in enumerate(zip(seqs, budgets)):
             if budget == 0:
                 continue
@@ -73,12 +74,13 @@ class HybridDrafter:
                 self.model_steps += 1
         if any(model_budgets):
             drafted = self.model.propose(seqs, model_budgets)
+            catch_up = drafted.catch_up_seconds
             for i, budget in enumerate(model_budgets):
                 if not budget:
                     continue
                 tokens[i], probs[i], parents[i] = drafted.token_ids[i], drafted.probs[i], drafted.parents[i]
                 confidence[i] = drafted.confidence[i]
-        return DraftProposal(tokens, probs, parents, confidence)
+        return DraftProposal(tokens, probs, parents, confidence, catch_up)
 
     def observe(self, seqs: Seq[SequenceView], num_accepted: Seq[int]) -> None:
         self.retrieval.observe(seqs, num_accepted)

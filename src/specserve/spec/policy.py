@@ -65,7 +65,7 @@ class SpecPolicy:
     ) -> None:
         pass
 
-    def observe_draft_time(self, seconds: float, num_tokens: int) -> None:
+    def observe_draft_time(self, seconds: float, num_tokens: int, catch_up: float = 0.0) -> None:
         pass
 
     def observe_step(
@@ -362,10 +362,14 @@ class AdaptiveSpecPolicy(SpecPolicy):
             st.gains = conf if st.gains is None else (1 - w) * st.gains + w * conf
         self._idle.pop(request_id, None)
 
-    def observe_draft_time(self, seconds: float, num_tokens: int) -> None:
+    def observe_draft_time(self, seconds: float, num_tokens: int, catch_up: float = 0.0) -> None:
+        """A drafting call of `seconds` proposed `num_tokens` drafts; `catch_up` of those
+        seconds brought the drafter up to date (`DraftProposal.catch_up_seconds`). The whole
+        call stays out of the step overhead's fit; the catch-up, which grows with the tokens
+        since the drafter last ran rather than with the drafts, stays out of the cost per draft."""
         self._step_draft_time += seconds
         if num_tokens > 0:
-            per_token = seconds / num_tokens
+            per_token = max(seconds - catch_up, 0.0) / num_tokens
             self.draft_cost = per_token if self._draft_samples == 0 else 0.8 * self.draft_cost + 0.2 * per_token
             self._draft_samples += 1
 
