@@ -12,8 +12,9 @@ from tests.conftest import CHAT_PROMPTS
 
 
 def test_greedy_128_tokens_equal_transformers_generate(llm_fp32, hf_smollm_fp32):
-    """fp32, 5 chat prompts, run together as one batch in our engine."""
-    prompts = [llm_fp32.chat_prompt([{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
+    """fp32, 3 chat prompts, run together as one batch in our engine (transformers decodes
+    each alone: 128 steps of its fp32 forward per prompt, most of this test's time)."""
+    prompts = [llm_fp32.chat_prompt([{"role": "user", "content": p}]) for p in CHAT_PROMPTS[:3]]
     ours = llm_fp32.generate(prompts, SamplingParams(max_tokens=128))
     for ids, out in zip(prompts, ours):
         with torch.inference_mode():

@@ -95,8 +95,8 @@ def test_greedy_speculative_logprobs_are_plain_decodings(spec, llm_bf16, bench_p
     params = SamplingParams(max_tokens=24, logprobs=3)
     llm_bf16.set_spec(None)
     plain = llm_bf16.generate(prompts, params)
-    llm_bf16.set_spec(spec)
-    try:
+    llm_bf16.set_spec(spec, adaptive=False)  # a fixed draft length: six sequences at once may make
+    try:  # the load-aware plan draft nothing on a CPU where drafted rows are dear
         spec_out = llm_bf16.generate(prompts, params)
     finally:
         llm_bf16.set_spec(None)
