@@ -3,7 +3,7 @@
 `gguf.GGUFReader` builds a numpy view for every part of every metadata field: for a
 tokenizer of 49,152 tokens and 48,900 merges that is about a million small views and
 6 s of a 2-core CPU's time, on every model load. This reader parses the same header with
-`struct` (about 0.1 s for that file), decodes metadata into plain Python values and maps
+`struct` (0.23 s for that file), decodes metadata into plain Python values and maps
 each tensor's bytes as a numpy view of one memory map, with the dtype and shape
 `GGUFReader` would give them (so `gguf_quants.dequantize` takes either).
 
