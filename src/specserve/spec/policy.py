@@ -310,7 +310,9 @@ class AdaptiveSpecPolicy(SpecPolicy):
         the step runs anyway and `context` their mean cached tokens (None: unknown)."""
         self._context = context
         confidences = [st.gains if (st := self._stats.get(r)) is not None else None for r in request_ids]
-        ks = self.plan([self.acceptance(r) for r in request_ids], max(other_tokens, len(request_ids)), confidences)
+        acceptances = [self.acceptance(r) for r in request_ids]
+        base = max(other_tokens, len(request_ids))
+        ks = self.plan(acceptances, base, confidences)
         # probe: has the text become predictable? Sequences idle for `probe_every` steps or
         # more are probed together, on every `probe_every`-th step: a drafter that runs a
         # model pays one call for all of them (staggered probes would make it run nearly
@@ -328,10 +330,10 @@ class AdaptiveSpecPolicy(SpecPolicy):
             # a probe is worth its draft only where some outcome could change the plan: with
             # the due sequences as predictable as `probe_acceptance`, would they be drafted for?
             # (On a CPU where each drafted row costs a fifth of a batch's step, they would not be.)
-            hopeful = [self.acceptance(r) for r in request_ids]
+            hopeful = list(acceptances)
             for idx in due:
                 hopeful[idx] = max(hopeful[idx], self.probe_acceptance)
-            worth = self.plan(hopeful, max(other_tokens, len(request_ids)), confidences)
+            worth = self.plan(hopeful, base, confidences)
             for idx in due:
                 if worth[idx] > 0:
                     ks[idx] = 1
