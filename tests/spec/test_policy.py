@@ -259,3 +259,29 @@ def test_tree_confidence_plans_what_the_tree_will_accept():
         from specserve.spec.base import DraftProposal
 
         DraftProposal([[1, 2]], confidence=[[0.5]])  # must cover every draft
+
+
+def test_a_tree_drafters_first_draft_and_further_drafts_are_priced_apart():
+    """An EAGLE head drafts its first token from the catch-up forward (about 1 ms more) and
+    each further depth with a head forward (3.3 ms): fitted per call, the first and the
+    further drafts get their own prices, where a mean per token (~2 ms) made a second draft
+    look cheap and a first one dear. At batch size 1, with rows 2 and 3 of the forward
+    costing 1.4 and 2.0 ms, the mean drafts two tokens where the second does not pay."""
+    policy = AdaptiveSpecPolicy(4, ForwardCost((1,), (1, 2, 3, 5), ((0.0176, 0.0190, 0.0210, 0.0300),)))
+    policy.observe_draft_time(0.0021, 2)  # a single call cannot tell the parts apart: the mean per token
+    assert policy.draft_first == policy.draft_cost == pytest.approx(0.00105)
+    for _ in range(20):
+        policy.observe_draft_time(0.0010 + 0.0016, 1, catch_up=0.0016)
+        policy.observe_draft_time(0.0043 + 0.0016, 2, catch_up=0.0016)
+    assert policy.draft_first == pytest.approx(0.0010, rel=0.02)
+    assert policy.draft_cost == pytest.approx(0.0033, rel=0.02)
+    gains = np.array([0.46, 0.30, 0.1, 0.05])
+    policy._calib = [1.0, 1.0]
+    assert policy.plan([0.46], 1, [gains]) == [1]
+    mean = AdaptiveSpecPolicy(4, policy.verify_cost, draft_cost=0.002, draft_first=0.002, _calib=[1.0, 1.0])
+    assert mean.plan([0.46], 1, [gains]) == [2]
+    # where every call drafts one token, that token's time is the cost of every draft
+    single = AdaptiveSpecPolicy(4, policy.verify_cost)
+    for _ in range(10):
+        single.observe_draft_time(0.003, 1)
+    assert single.draft_first == single.draft_cost == pytest.approx(0.003)

@@ -147,48 +147,85 @@ class ForwardCost:
         return float(self.many(num_seqs, np.array([num_tokens]), context)[0])
 
 
-class StepOverhead:
-    """The part of a step's time outside the forward and the drafting, as c0 + c1 * S + c2 * K
-    (S sequences, K draft tokens): least squares over the measured steps with exponential
-    forgetting, the coefficients kept >= 0 (a coefficient that would come out negative is
-    dropped and the rest refitted)."""
+class _NonNegativeFit:
+    """Least squares y ~ coef . x over observations with exponential forgetting, every
+    coefficient kept >= 0 (one that would come out negative is dropped and the rest refitted).
+    A small ridge shrinks the coefficients marked in `shrink`: where the data cannot tell the
+    parts apart, the unshrunk ones take the time."""
 
-    def __init__(self, forget: float = 0.98, ridge: float = 1e-5) -> None:
-        self.forget, self.ridge = forget, ridge
-        self.gram = np.zeros((3, 3))
-        self.moment = np.zeros(3)
-        self.coef = np.zeros(3)  # c0, c1, c2 in seconds
+    def __init__(self, shrink: tuple[bool, ...], forget: float, ridge: float = 1e-5) -> None:
+        n = len(shrink)
+        self.shrink, self.forget, self.ridge = shrink, forget, ridge
+        self.gram = np.zeros((n, n))
+        self.moment = np.zeros(n)
+        self.coef = np.zeros(n)
         self.samples = 0
 
-    def observe(self, num_seqs: int, drafted: int, seconds: float) -> None:
-        x = np.array([1.0, float(num_seqs), float(drafted)])
-        seconds = max(seconds, 0.0)
-        if self.samples >= 8:  # a stray slow step (a collection pause) counts as at most 3x the model
-            seconds = min(seconds, 3.0 * self(num_seqs, drafted) + 1e-3)
+    def add(self, x: np.ndarray, y: float) -> None:
+        y = max(y, 0.0)
+        if self.samples >= 8:  # a stray slow sample (a collection pause) counts as at most 3x the model
+            y = min(y, 3.0 * float(self.coef @ x) + 1e-3)
         self.gram = self.forget * self.gram + np.outer(x, x)
-        self.moment = self.forget * self.moment + x * seconds
+        self.moment = self.forget * self.moment + x * y
         self.samples += 1
         self.coef = self._fit()
 
     def _fit(self) -> np.ndarray:
-        active = [0, 1, 2]
+        active = list(range(len(self.coef)))
         while active:
             g = self.gram[np.ix_(active, active)]
-            # the fixed part is not shrunk: where S and K hardly vary it takes the time, rather
-            # than a per-draft cost that would make drafting look dear
-            penalty = np.diag([0.0 if j == 0 else self.ridge * max(np.trace(g), 1.0) for j in active])
+            penalty = np.diag([self.ridge * max(np.trace(g), 1.0) if self.shrink[j] else 0.0 for j in active])
             sol = np.linalg.lstsq(g + penalty, self.moment[active], rcond=None)[0]
             if (sol >= 0).all():
-                coef = np.zeros(3)
+                coef = np.zeros(len(self.coef))
                 coef[active] = sol
                 return coef
             active.pop(int(np.argmin(sol)))
-        return np.zeros(3)
+        return np.zeros(len(self.coef))
+
+
+class StepOverhead(_NonNegativeFit):
+    """The part of a step's time outside the forward and the drafting, as c0 + c1 * S + c2 * K
+    (S sequences, K draft tokens), fitted over the measured steps. The fixed part is not
+    shrunk: where S and K hardly vary it takes the time, rather than a per-draft cost that
+    would make drafting look dear."""
+
+    def __init__(self, forget: float = 0.98, ridge: float = 1e-5) -> None:
+        super().__init__((False, True, True), forget, ridge)
+
+    def observe(self, num_seqs: int, drafted: int, seconds: float) -> None:
+        self.add(np.array([1.0, float(num_seqs), float(drafted)]), seconds)
 
     def __call__(self, num_seqs: int, drafted):
         """Seconds for `drafted` draft tokens (an int, or an array of counts)."""
         c0, c1, c2 = self.coef
         return c0 + c1 * num_seqs + c2 * drafted
+
+
+class DraftTime(_NonNegativeFit):
+    """A drafting call's time (its catch-up left out) as `first` for its first draft token
+    plus `further` for each other one, fitted over the calls. An EAGLE head's first draft
+    comes from its catch-up forward and costs little more, and each further depth costs a
+    head forward: a mean per token would price the first draft too high and the second too
+    low. Until the calls have drafted different numbers of tokens the two parts cannot be
+    told apart, and both are the mean time per draft token."""
+
+    def __init__(self, forget: float = 0.95) -> None:
+        super().__init__((False, False), forget)
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        self.add(np.array([1.0, float(num_tokens - 1)]), seconds)
+
+    def parts(self) -> tuple[float, float]:
+        """(first, further) in seconds."""
+        n, more = self.gram[0, 0], self.gram[0, 1]
+        if n <= 0:
+            return 0.0, 0.0
+        if self.gram[1, 1] / n - (more / n) ** 2 < 0.05:  # (almost) every call drafted as many tokens
+            per_token = float(self.moment[0] / (n + more))
+            return per_token, per_token
+        first, further = self.coef
+        return float(first), float(further)
 
 
 def _interp(grid: tuple[int, ...], row: tuple[float, ...], x: np.ndarray) -> np.ndarray:
@@ -214,14 +251,16 @@ class _Stats:
 class AdaptiveSpecPolicy(SpecPolicy):
     """Load-aware draft lengths from acceptance history and a measured cost model.
 
-    `verify_cost` is the measured target forward time by batch shape; `draft_cost` the
-    drafting time per token (seconds), `scale` the ratio of measured forward time to the
-    table's and `overhead` the rest of a step, all updated from measurements.
+    `verify_cost` is the measured target forward time by batch shape; `draft_first` the
+    drafting time of a call's first draft token and `draft_cost` of each further one
+    (seconds), `scale` the ratio of measured forward time to the table's and `overhead` the
+    rest of a step, all updated from measurements.
     """
 
     max_k: int
     verify_cost: ForwardCost
     draft_cost: float = 0.0
+    draft_first: float = 0.0
     scale: float = 1.0
     prior_acceptance: float = 0.6
     prior_weight: float = 4.0
@@ -234,7 +273,7 @@ class AdaptiveSpecPolicy(SpecPolicy):
     # calibration of draft confidences: accepted drafts against the confidence summed over the
     # verified drafts, both decayed (starts at 1: the drafter's word)
     _calib: list[float] = field(default_factory=lambda: [4.0, 4.0])
-    _draft_samples: int = 0
+    _draft_fit: DraftTime = field(default_factory=DraftTime)
     _step_samples: int = 0
     _step_draft_time: float = 0.0
     _idle: dict[str, int] = field(default_factory=dict)  # steps without drafting, per request
@@ -282,7 +321,8 @@ class AdaptiveSpecPolicy(SpecPolicy):
         counts = np.arange(len(gains) + 1)
         expected = S + np.concatenate(([0.0], np.cumsum([g for g, _ in gains])))
         cost = self.scale * self.verify_cost.many(S, base_tokens + counts, self._context)
-        cost = cost + self.overhead(S, counts) + self.draft_cost * counts
+        drafting = np.where(counts > 0, self.draft_first + self.draft_cost * (counts - 1), 0.0)
+        cost = cost + self.overhead(S, counts) + drafting
         if base_tokens > S:
             # prefill chunks ride in this step: their time is spent whatever is drafted, so
             # drafts are weighed by what they add against the rate of a step without them
@@ -368,12 +408,12 @@ class AdaptiveSpecPolicy(SpecPolicy):
         """A drafting call of `seconds` proposed `num_tokens` drafts; `catch_up` of those
         seconds brought the drafter up to date (`DraftProposal.catch_up_seconds`). The whole
         call stays out of the step overhead's fit; the catch-up, which grows with the tokens
-        since the drafter last ran rather than with the drafts, stays out of the cost per draft."""
+        since the drafter last ran rather than with the drafts, stays out of the drafting
+        cost, fitted as the first draft token's and each further one's (`DraftTime`)."""
         self._step_draft_time += seconds
         if num_tokens > 0:
-            per_token = max(seconds - catch_up, 0.0) / num_tokens
-            self.draft_cost = per_token if self._draft_samples == 0 else 0.8 * self.draft_cost + 0.2 * per_token
-            self._draft_samples += 1
+            self._draft_fit.observe(num_tokens, max(seconds - catch_up, 0.0))
+            self.draft_first, self.draft_cost = self._draft_fit.parts()
 
     def observe_step(
         self,
