@@ -10,6 +10,16 @@ import torch
 from specserve.model.loader import default_model_path
 
 
+def pytest_configure(config):
+    # xdist's workers start after this and inherit the environment: give each its share of
+    # the cores, so two workers do not run twice as many OpenMP threads as there are cores
+    # (the native layers' threads synchronise many times per token and slow down badly
+    # when they have to wait for a core)
+    workers = getattr(config.option, "numprocesses", None) or 0
+    if workers > 1 and not hasattr(config, "workerinput"):
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+
 def pytest_collection_modifyitems(config, items):
     # SPECSERVE_GPU_TESTS_ON=cpu runs the gpu-marked tests on the CPU (a dry run of the device checks)
     if torch.cuda.is_available() or os.environ.get("SPECSERVE_GPU_TESTS_ON") == "cpu":
