@@ -12,12 +12,12 @@ from specserve.model.loader import default_model_path
 
 def pytest_configure(config):
     # xdist's workers start after this and inherit the environment: give each its share of
-    # the cores, so two workers do not run twice as many OpenMP threads as there are cores
-    # (the native layers' threads synchronise many times per token and slow down badly
-    # when they have to wait for a core)
+    # the cores, so that the workers together run as many OpenMP threads (the native layers'
+    # and PyTorch's) as there are cores, not that many each
     workers = getattr(config.option, "numprocesses", None) or 0
     if workers > 1 and not hasattr(config, "workerinput"):
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
 
 
 def pytest_collection_modifyitems(config, items):
