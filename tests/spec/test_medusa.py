@@ -141,10 +141,13 @@ def test_bf16_equals_plain_up_to_near_ties(llm_bf16, echo_heads):
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in (REPEAT, *PROMPTS[:3])]
     plain = [llm.generate([p], SamplingParams(max_tokens=48, logprobs=2))[0] for p in prompts]
     out = generate_with(llm, f"medusa:{echo_heads}", prompts, SamplingParams(max_tokens=48), adaptive=True)
-    for p, o in zip(plain, out):
+    # the repetitive prompt alone, where a drafted row costs least: four sequences at once
+    # may make the load-aware plan draft nothing on a CPU where rows are dear
+    alone = generate_with(llm, f"medusa:{echo_heads}", prompts[:1], SamplingParams(max_tokens=48), adaptive=True)
+    for p, o in zip(plain + plain[:1], out + alone):
         d = compare_greedy(p.token_ids, p.logprobs, o.token_ids, torch.bfloat16)
         assert d.identical if bit_exact(llm_bf16) else d.ok, d.describe()
-    assert out[0].metrics.accepted_tokens > 0
+    assert alone[0].metrics.accepted_tokens > 0
 
 
 def test_seeded_sampling_equals_plain(llm_exact, echo_heads):
