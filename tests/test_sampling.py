@@ -307,6 +307,22 @@ def test_top_p_candidate_and_full_sort_paths(monkeypatch: pytest.MonkeyPatch) ->
         assert_same_distribution(ours, hf_probs(logits, top_p=0.9))  # HF sorts too
 
 
+def test_top_p_keeps_ties_at_the_boundary_whatever_the_batch() -> None:
+    """Two tokens exactly as likely straddle the nucleus boundary: both are kept, and the
+    row's distribution is the same alone (top-1024 prefix) as next to a flat row that
+    sends the batch through a full sort, whose order among ties may differ."""
+    v = 4096
+    probs = torch.full((v,), 1e-6)
+    probs[[7, 900, 2500, 3000]] = torch.tensor([0.5, 0.3, 0.1, 0.1])
+    tied = torch.log(probs / probs.sum())[None]  # tokens 2500 and 3000 tie exactly
+    assert tied[0, 2500] == tied[0, 3000]
+    flat = torch.randn(1, v) * 0.01
+    alone = logits_to_probs(tied, 1.0, top_p=0.85)
+    batched = logits_to_probs(torch.cat([flat, tied, flat]), 1.0, top_p=0.85)
+    assert torch.equal(batched[1:2], alone)
+    assert sorted(alone[0].nonzero().flatten().tolist()) == [7, 900, 2500, 3000]
+
+
 def test_top_k_ties_are_kept_like_hf() -> None:
     logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0, 2.0]])
     ours = logits_to_probs(logits, 1.0, top_k=2)

@@ -227,7 +227,9 @@ def _apply_top_p(
 
     Walking tokens in descending probability, a token is kept while the mass
     *before* it is still ``< p``: this keeps the smallest prefix whose
-    cumulative probability reaches ``p`` and always keeps the top token.
+    cumulative probability reaches ``p`` and always keeps the top token. Tokens
+    exactly as likely as the last one kept are kept too (as top-k keeps ties), so
+    the result does not depend on how a sort orders equal probabilities.
 
     The full ``O(V log V)`` sort is avoided whenever a sorted prefix provably
     contains every decision that matters, with an identical result:
@@ -241,26 +243,24 @@ def _apply_top_p(
     v = probs.shape[-1]
     alive = int((probs[use_p] > 0).sum(dim=-1).max())
     sorted_probs: torch.Tensor | None = None
-    inside_only = False  # True: only tokens inside the sorted prefix may survive
     if alive <= v // PARTIAL_SORT_FRACTION:
-        sorted_probs, sorted_idx = torch.topk(probs, max(alive, 1), dim=-1)  # [N, alive]
+        sorted_probs = torch.topk(probs, max(alive, 1), dim=-1).values  # [N, alive]
     elif TOP_P_CANDIDATES < v:
-        cand_probs, cand_idx = torch.topk(probs, TOP_P_CANDIDATES, dim=-1)  # [N, C]
+        cand_probs = torch.topk(probs, TOP_P_CANDIDATES, dim=-1).values  # [N, C]
         cand_mass = cand_probs.cumsum(dim=-1)
         if bool((cand_mass[:, -1] >= p)[use_p].all()):
-            sorted_probs, sorted_idx = cand_probs, cand_idx
-            inside_only = True
+            sorted_probs = cand_probs
     if sorted_probs is None:
-        sorted_probs, sorted_idx = torch.sort(probs, dim=-1, descending=True)  # [N, V]
+        sorted_probs = torch.sort(probs, dim=-1, descending=True).values  # [N, V]
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     keep_sorted = mass_before < p[:, None]
     keep_sorted[:, 0] = True  # always keep the most likely token
-    if inside_only:  # tokens outside the candidate prefix are dropped
-        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, sorted_idx, keep_sorted)
-        keep |= ~use_p[:, None]
-    else:  # tokens outside the prefix have zero probability already
-        drop_sorted = ~keep_sorted & use_p[:, None]
-        keep = ~torch.zeros_like(probs, dtype=torch.bool).scatter_(1, sorted_idx, drop_sorted)
+    # Keep every token as likely as the last one kept: tokens tied at the boundary are
+    # kept together, since the order a sort puts ties in depends on the path taken above,
+    # and so on the other rows of the batch (a seeded request must not).
+    last = keep_sorted.sum(dim=-1, keepdim=True) - 1  # [N, 1]
+    threshold = sorted_probs.gather(1, last)  # [N, 1]
+    keep = (probs >= threshold) | ~use_p[:, None]
     return probs * keep
 
 
