@@ -46,10 +46,20 @@ COMMON = dict(
 )
 
 
+# attention shapes beyond the default (4 query heads, 2 K/V heads, head size 32): the
+# attention kernels are compiled per head size and go 16 and 64 dims at a time
+WIDE_HEADS = {
+    "llama-d96": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=96),  # 64 + 32 dims
+    "llama-d128": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=128),  # 4 heads share one K/V head
+    "llama-g3": dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=192, head_dim=64),  # the default model's
+}
+
+
 def tiny_checkpoint(tmp_path, family: str):
     torch.manual_seed(0)
     cfg = {
         "llama": lambda: transformers.LlamaConfig(**COMMON),
+        **{name: (lambda extra=extra: transformers.LlamaConfig(**{**COMMON, **extra})) for name, extra in WIDE_HEADS.items()},
         "qwen2": lambda: transformers.Qwen2Config(**COMMON),  # QKV bias
         "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=32),
     }[family]()
@@ -111,7 +121,7 @@ def decode_alone(model, ids: list[int], prefill: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", *WIDE_HEADS])
 def test_native_layers_as_accurate_as_pytorch(tmp_path, family, native_lib):
     fast, slow, ref = models(tmp_path, family)
     assert fast.native is not None
@@ -126,8 +136,9 @@ def test_native_layers_as_accurate_as_pytorch(tmp_path, family, native_lib):
     assert (got["native"] - got["pytorch"]).abs().max().item() < 0.1
 
 
-def test_native_row_invariance(tmp_path, monkeypatch, native_lib):
-    model, _, _ = models(tmp_path, "llama")
+@pytest.mark.parametrize("family", ["llama", *WIDE_HEADS])
+def test_native_row_invariance(tmp_path, monkeypatch, native_lib, family):
+    model, _, _ = models(tmp_path, family)
     ids = torch.randint(0, VOCAB, (48,)).tolist()
     alone = decode_alone(model, ids, 40)  # rows 40..47, one token per forward
 

@@ -28,6 +28,12 @@
 
 typedef uint16_t bf16;
 
+#if defined(__GNUC__) && !defined(__clang__)
+#define NO_IPA __attribute__((noipa))  // no interprocedural specialization
+#else
+#define NO_IPA
+#endif
+
 // 16 lanes: bf16 <-> fp32 (the narrowing rounds to nearest even, as torch does)
 static inline __m512 load16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -338,7 +344,9 @@ static void pv_steps(const SeqView& sv, const bf16* phi, const bf16* plo, int ps
 
 // Rows r0..r0+nr-1 of a sequence (its rows start at forward row t0), K/V head g, for
 // `group` query heads each: nl = nr * group <= 16 lines, line m = (row - r0) * group + h.
-static void attend_block(const SeqView& sv, const float* qf, bf16* ao, int t0, int r0, int nr, int g, int group,
+// NO_IPA: specialized for its one caller's thread-local scratch, the function would look
+// the thread-local up again (a call that spills registers) at each use inside its loops
+NO_IPA static void attend_block(const SeqView& sv, const float* qf, bf16* ao, int t0, int r0, int nr, int g, int group,
                          int Hq, int D, float scale, AttnScratch& w) {
   const int nl = nr * group;
   const bool causal = sv.mask == nullptr;
@@ -562,13 +570,13 @@ extern "C" int ss_layer(const int64_t* w, const int64_t* dims, float eps, float 
     }
     // attention: blocks of up to 16 query lines (rows x the heads sharing a K/V head)
     bool tiles = false;
+    static thread_local AttnScratch ws;
 #pragma omp for schedule(dynamic, 1)
     for (size_t b = 0; b < jobs.size(); b++) {
       if (!tiles) {
         configure_attention_tiles();
         tiles = true;
       }
-      static thread_local AttnScratch ws;
       if (ws.ones[0] == 0)
         for (int i = 0; i < 16; i++) ws.ones[i * 32] = ws.ones[i * 32 + 1] = 0x3F80;  // column 0 = 1.0
       const Job& jb = jobs[b];

@@ -27,6 +27,12 @@
 
 typedef uint16_t bf16;
 
+#if defined(__GNUC__) && !defined(__clang__)
+#define NO_IPA __attribute__((noipa))  // no interprocedural specialization
+#else
+#define NO_IPA
+#endif
+
 // ---------------------------------------------------------------- bf16 <-> fp32
 
 static inline __m256 load8(const bf16* p) {
@@ -216,9 +222,17 @@ static void rope_head_bf16(const bf16* src, const float* c, const float* s, bf16
 // ---------------------------------------------------------------- attention
 //
 // A job is one row of one sequence and one K/V head, for the `group` query heads that
-// share it. Scores q . k (fp32 over bf16 values, 8 lanes over the head dims, summed in
-// a fixed order) times the scale; softmax in fp32 over the row's visible keys; the
-// output sums p_j v_j over the visible keys in order and multiplies by 1 / sum p_j.
+// share it. K and V are read as bf16 pairs: a 256-bit load of 16 head dims holds dims
+// 2i and 2i+1 in lane i, which become fp32 by a shift (the even dim) and a mask (the odd
+// one), so nothing is widened in memory. The query is split the same way (even and odd
+// dims), once per job.
+//
+// Score q . k: per key, 8 fp32 lanes accumulate even and odd dims in a fixed order,
+// then a fixed tree of pairwise adds, times the scale. Softmax in fp32 over the row's
+// visible keys (max and sum in 8 lanes, then a fixed reduction). The output sums
+// p_j v_j over the visible keys in order, in the even/odd layout, then multiplies by
+// 1 / sum p_j. Every step depends only on the row's visible keys and is the same for
+// every key, so a tree row equals the chain row of the same tokens bit for bit.
 
 struct SeqView {
   const bf16 *kh, *vh;
@@ -231,72 +245,151 @@ struct SeqView {
 
 struct AttnScratch {
   std::vector<int64_t> keys;  // pool indices of the visible keys, in order
-  std::vector<float> s;       // [group][visible] scores, then probabilities
+  std::vector<float> s;       // [group][visible rounded up to 4] scores, then probabilities
 };
 
-static void attend_row(const SeqView& sv, const float* qf, float* ao, int t, int row, int g, int group, int Hq, int D,
+static inline __m256 even_dims(__m256i pairs) { return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)); }
+static inline __m256 odd_dims(__m256i pairs) {
+  return _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+static const int PF = 32;  // keys ahead that K and V rows are prefetched
+static inline void prefetch_row(const bf16* p, int D) {
+  for (int d = 0; d < D; d += 32) _mm_prefetch((const char*)(p + d), _MM_HINT_T0);
+}
+static inline __m256i load_pairs(const bf16* p) { return _mm256_loadu_si256((const __m256i*)p); }
+
+// scores of 4 keys for one head: qs holds the head's query as [D/16][even 8, odd 8]
+template <int D>
+static inline __m128 score4(const bf16* const* k, const float* qs) {
+  __m256 a[4];
+  for (int i = 0; i < 4; i++) a[i] = _mm256_setzero_ps();
+  for (int c = 0; c < D / 16; c++) {
+    const __m256 qe = _mm256_load_ps(qs + 16 * c), qo = _mm256_load_ps(qs + 16 * c + 8);
+    for (int i = 0; i < 4; i++) {
+      const __m256i kp = load_pairs(k[i] + 16 * c);
+      a[i] = _mm256_fmadd_ps(qe, even_dims(kp), a[i]);
+      a[i] = _mm256_fmadd_ps(qo, odd_dims(kp), a[i]);
+    }
+  }
+  // lane i: the 8 lanes of a[i] summed by a fixed tree
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// NO_IPA: specialized for its one caller's thread-local scratch, the function would look
+// the thread-local up again (a call that spills registers) at each use inside its loops
+template <int D>
+NO_IPA static void attend_row(const SeqView& sv, const float* qf, float* ao, int t, int row, int g, int group, int Hq,
                        float scale, AttnScratch& w) {
   // visible keys: causal rows see 0..cs+row; tree rows the cached keys and their mask's
-  std::vector<int64_t>& keys = w.keys;
-  keys.clear();
+  w.keys.resize((size_t)sv.total);
+  w.s.resize((size_t)group * ((sv.total + 7) & ~7));
+  // plain pointers from here on: the scratch may be thread-local, and every access to it
+  // through the reference can cost a TLS lookup that spills the loop's registers
+  int64_t* kx = w.keys.data();
+  float* S = w.s.data();
+  int n = 0;
   if (sv.mask == nullptr) {
-    for (int j = 0; j <= sv.cs + row; j++) keys.push_back(sv.at(j));
+    for (int j = 0; j <= sv.cs + row; j++) kx[n++] = sv.at(j);
   } else {
     const uint8_t* mrow = sv.mask + (size_t)row * sv.total;
     for (int j = 0; j < sv.total; j++)
-      if (j < sv.cs || mrow[j]) keys.push_back(sv.at(j));
+      if (j < sv.cs || mrow[j]) kx[n++] = sv.at(j);
   }
-  const int n = (int)keys.size();
-  w.s.resize((size_t)group * n);
+  const int n4 = (n + 3) & ~3, n8 = (n + 7) & ~7;
+  // the group's queries, even and odd dims apart per 16
+  alignas(32) float qs[16][256];
   const float* q0 = qf + ((size_t)t * Hq + (size_t)g * group) * D;
-  alignas(32) float kf[256];
-  for (int j = 0; j < n; j++) {
-    const bf16* k = sv.kh + keys[j] * D;
-    if (j + 1 < n) _mm_prefetch((const char*)(sv.kh + keys[j + 1] * D), _MM_HINT_T0);
-    for (int d = 0; d < D; d += 8) _mm256_store_ps(kf + d, load8(k + d));
-    for (int h = 0; h < group; h++) {
-      const float* q = q0 + (size_t)h * D;
-      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_load_ps(kf));
-      for (int d = 8; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_load_ps(kf + d), acc);
-      w.s[(size_t)h * n + j] = hsum8(acc) * scale;
-    }
+  for (int h = 0; h < group; h++)
+    for (int c = 0; c < D / 16; c++)
+      for (int i = 0; i < 8; i++) {
+        qs[h][16 * c + i] = q0[(size_t)h * D + 16 * c + 2 * i];
+        qs[h][16 * c + 8 + i] = q0[(size_t)h * D + 16 * c + 2 * i + 1];
+      }
+  const __m128 sc = _mm_set1_ps(scale);
+  // blocks of 32 keys, each scored for every head while it is in L1
+  for (int b0 = 0; b0 < n4; b0 += 32) {
+    const int b1 = b0 + 32 < n4 ? b0 + 32 : n4;
+    for (int h = 0; h < group; h++)
+      for (int j = b0; j < b1; j += 4) {
+        const bf16* k[4];
+        for (int i = 0; i < 4; i++) k[i] = sv.kh + kx[j + i < n ? j + i : n - 1] * D;  // past n: a stand-in
+        if (h == 0 && j + PF + 4 <= n)  // the next block's keys on their way from memory
+          for (int i = 0; i < 4; i++) prefetch_row(sv.kh + kx[j + PF + i] * D, D);
+        _mm_storeu_ps(S + (size_t)h * n8 + j, _mm_mul_ps(score4<D>(k, qs[h]), sc));
+      }
   }
   float den[16];
   for (int h = 0; h < group; h++) {
-    float* sc = w.s.data() + (size_t)h * n;
-    float mx = -INFINITY;
-    for (int j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
-    const __m256 mv = _mm256_set1_ps(mx);
-    int j = 0;
-    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(sc + j, exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mv)));
-    if (j < n) {  // the tail through a buffer (elementwise: the lanes do not mix)
-      alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int i = j; i < n; i++) tail[i - j] = sc[i];
-      _mm256_store_ps(tail, exp256(_mm256_sub_ps(_mm256_load_ps(tail), mv)));
-      for (int i = j; i < n; i++) sc[i] = tail[i - j];
+    float* s = S + (size_t)h * n8;
+    for (int j = n; j < n8; j++) s[j] = -INFINITY;
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    for (int j = 0; j < n8; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + j));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mv);
+    float mx = lanes[0];
+    for (int i = 1; i < 8; i++) mx = lanes[i] > mx ? lanes[i] : mx;
+    mv = _mm256_set1_ps(mx);
+    __m256 sum = _mm256_setzero_ps();
+    for (int j = 0; j < n8; j += 8) {
+      __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+      if (j + 8 > n) {  // the padding's lanes (exp clamps, so not 0 by themselves) set to 0
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        p = _mm256_and_ps(p, _mm256_castsi256_ps(live));
+      }
+      _mm256_storeu_ps(s + j, p);
+      sum = _mm256_add_ps(sum, p);
     }
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) sum += sc[i];
-    den[h] = sum;
+    den[h] = hsum8(sum);
   }
-  // P x V, D <= 256: the output of each head in at most 32 registers' worth of lanes
+  // P x V in blocks of 64 keys; per head and 64 dims, 8 accumulators (even, odd per 16)
   alignas(32) float acc[16][256];
-  for (int h = 0; h < group; h++) memset(acc[h], 0, sizeof(float) * D);
-  for (int j = 0; j < n; j++) {
-    const bf16* v = sv.vh + keys[j] * D;
-    if (j + 1 < n) _mm_prefetch((const char*)(sv.vh + keys[j + 1] * D), _MM_HINT_T0);
-    for (int d = 0; d < D; d += 8) {
-      const __m256 vv = load8(v + d);
-      for (int h = 0; h < group; h++) {
-        const __m256 p = _mm256_set1_ps(w.s[(size_t)h * n + j]);
-        _mm256_store_ps(acc[h] + d, _mm256_fmadd_ps(p, vv, _mm256_load_ps(acc[h] + d)));
+  for (int h = 0; h < group; h++) memset(acc[h], 0, sizeof(acc[h]));
+  for (int b0 = 0; b0 < n; b0 += 64) {
+    const int b1 = b0 + 64 < n ? b0 + 64 : n;
+    for (int h = 0; h < group; h++) {
+      const float* p = S + (size_t)h * n8;
+      for (int d0 = 0; d0 < D; d0 += 64) {
+        const int nc = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
+        float* o = acc[h] + d0;
+        __m256 e[4], od[4];
+        for (int c = 0; c < nc; c++) e[c] = _mm256_load_ps(o + 16 * c), od[c] = _mm256_load_ps(o + 16 * c + 8);
+        for (int j = b0; j < b1; j++) {
+          const __m256 pj = _mm256_broadcast_ss(p + j);
+          const bf16* v = sv.vh + kx[j] * D + d0;
+          if (h == 0 && d0 == 0 && j + PF < n) prefetch_row(sv.vh + kx[j + PF] * D, D);
+          for (int c = 0; c < nc; c++) {
+            const __m256i vp = load_pairs(v + 16 * c);
+            e[c] = _mm256_fmadd_ps(pj, even_dims(vp), e[c]);
+            od[c] = _mm256_fmadd_ps(pj, odd_dims(vp), od[c]);
+          }
+        }
+        for (int c = 0; c < nc; c++) _mm256_store_ps(o + 16 * c, e[c]), _mm256_store_ps(o + 16 * c + 8, od[c]);
       }
     }
   }
   for (int h = 0; h < group; h++) {
     const __m256 iv = _mm256_set1_ps(1.0f / den[h]);
+    alignas(32) float tmp[256];
+    for (int c = 0; c < D / 16; c++)
+      for (int i = 0; i < 8; i++) tmp[16 * c + 2 * i] = acc[h][16 * c + i], tmp[16 * c + 2 * i + 1] = acc[h][16 * c + 8 + i];
     float* out = ao + ((size_t)t * Hq + (size_t)g * group + h) * D;
-    for (int d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, round8(_mm256_mul_ps(_mm256_load_ps(acc[h] + d), iv)));
+    for (int d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, round8(_mm256_mul_ps(_mm256_load_ps(tmp + d), iv)));
+  }
+}
+
+// the kernel compiled for each head size the layer accepts (D % 32 == 0, D <= 256)
+static void attend(int D, const SeqView& sv, const float* qf, float* ao, int t, int row, int g, int group, int Hq,
+                   float scale, AttnScratch& w) {
+  switch (D) {
+    case 32: return attend_row<32>(sv, qf, ao, t, row, g, group, Hq, scale, w);
+    case 64: return attend_row<64>(sv, qf, ao, t, row, g, group, Hq, scale, w);
+    case 96: return attend_row<96>(sv, qf, ao, t, row, g, group, Hq, scale, w);
+    case 128: return attend_row<128>(sv, qf, ao, t, row, g, group, Hq, scale, w);
+    case 160: return attend_row<160>(sv, qf, ao, t, row, g, group, Hq, scale, w);
+    case 192: return attend_row<192>(sv, qf, ao, t, row, g, group, Hq, scale, w);
+    case 224: return attend_row<224>(sv, qf, ao, t, row, g, group, Hq, scale, w);
+    default: return attend_row<256>(sv, qf, ao, t, row, g, group, Hq, scale, w);
   }
 }
 
@@ -377,7 +470,7 @@ extern "C" int ss_layer(const int64_t* w, const int64_t* dims, float eps, float 
       const int sq = jb.seq, rows = (int)(qs[sq + 1] - qs[sq]);
       const SeqView sv{kc + jb.head * P * D, vc + jb.head * P * D, base[sq], (const int64_t*)kidx[sq], (int)cs[sq],
                        (int)cs[sq] + rows, (const uint8_t*)masks[sq]};
-      attend_row(sv, qf, ao, (int)qs[sq] + jb.row, jb.row, jb.head, group, Hq, D, scale, ws);
+      attend(D, sv, qf, ao, (int)qs[sq] + jb.row, jb.row, jb.head, group, Hq, scale, ws);
     }
     linear_omp(wo, nullptr, ao, hb, T, Hq * D, H);
 #pragma omp for schedule(static)
