@@ -471,6 +471,22 @@ def test_sampling_follows_distribution_chi_square(case: dict) -> None:
 # --------------------------------------------------------------------------- #
 
 
+def test_top_logprobs_order_ties_as_argmax_does() -> None:
+    """Exactly equal logits: the top list runs by ascending token id among them, so a greedy
+    token (argmax takes the first maximum) heads it; ties at the k-th place too."""
+    v = 4096
+    logits = torch.full((2, v), -5.0)
+    logits[0, [3000, 17, 2500]] = 4.0  # three-way tie for the top
+    logits[0, 900] = 2.0
+    logits[1, 40] = 6.0
+    logits[1, [3999, 8, 1200]] = 1.0  # tie across the 2nd and 3rd places
+    res = compute_logprobs(logits, logits.argmax(-1), k=3)
+    assert res.top_token_ids.tolist() == [[17, 2500, 3000], [40, 8, 1200]]
+    assert torch.equal(res.top_token_ids[:, 0], logits.argmax(-1))
+    ref = torch.log_softmax(logits, -1)
+    assert torch.equal(res.top_logprobs, ref.gather(1, res.top_token_ids))
+
+
 def test_compute_logprobs() -> None:
     torch.manual_seed(13)
     logits = torch.randn(3, 40)

@@ -100,5 +100,22 @@ def compute_logprobs(
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
     chosen = logprobs.gather(1, token_ids.long().view(-1, 1)).squeeze(1)  # [N]
     k = min(k, logprobs.shape[-1])
-    top_lp, top_ids = torch.topk(logprobs, k, dim=-1)  # [N, k]
+    top_lp, top_ids = _top_k_lowest_ids_first(logprobs, k)  # [N, k]
     return Logprobs(chosen, top_ids, top_lp)
+
+
+def _top_k_lowest_ids_first(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk`` with ties in a fixed order: equal values by ascending token id, as
+    ``argmax`` breaks them, so a greedy token heads its own top list (``topk`` may
+    order and pick ties either way)."""
+    top, ids = torch.topk(values, k, dim=-1)
+    if k == 0:
+        return top, ids
+    tied = (values >= top[:, -1:]).sum(dim=-1) > k  # more candidates than k: ties at the k-th
+    rows = [i for i in range(values.shape[0]) if tied[i] or bool((top[i, 1:] == top[i, :-1]).any())]
+    for i in rows:
+        cand = (values[i] >= top[i, -1]).nonzero().flatten()  # ascending ids
+        order = torch.sort(values[i, cand], descending=True, stable=True).indices[:k]
+        ids[i] = cand[order]
+        top[i] = values[i, ids[i]]
+    return top, ids
