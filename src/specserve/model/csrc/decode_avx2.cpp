@@ -245,7 +245,7 @@ struct SeqView {
 
 struct AttnScratch {
   std::vector<int64_t> keys;  // pool indices of the visible keys, in order
-  std::vector<float> s;       // [group][visible rounded up to 4] scores, then probabilities
+  std::vector<float> s;       // [group][visible rounded up to 8] scores, then probabilities
 };
 
 static inline __m256 even_dims(__m256i pairs) { return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)); }
@@ -281,13 +281,13 @@ static inline __m128 score4(const bf16* const* k, const float* qs) {
 template <int D>
 NO_IPA static void attend_row(const SeqView& sv, const float* qf, float* ao, int t, int row, int g, int group, int Hq,
                        float scale, AttnScratch& w) {
-  // visible keys: causal rows see 0..cs+row; tree rows the cached keys and their mask's
   w.keys.resize((size_t)sv.total);
   w.s.resize((size_t)group * ((sv.total + 7) & ~7));
   // plain pointers from here on: the scratch may be thread-local, and every access to it
   // through the reference can cost a TLS lookup that spills the loop's registers
   int64_t* kx = w.keys.data();
   float* S = w.s.data();
+  // visible keys: causal rows see 0..cs+row; tree rows the cached keys and their mask's
   int n = 0;
   if (sv.mask == nullptr) {
     for (int j = 0; j <= sv.cs + row; j++) kx[n++] = sv.at(j);
