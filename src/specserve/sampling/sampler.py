@@ -112,8 +112,8 @@ def _top_k_lowest_ids_first(values: torch.Tensor, k: int) -> tuple[torch.Tensor,
     if k == 0:
         return top, ids
     tied = (values >= top[:, -1:]).sum(dim=-1) > k  # more candidates than k: ties at the k-th
-    rows = [i for i in range(values.shape[0]) if tied[i] or bool((top[i, 1:] == top[i, :-1]).any())]
-    for i in rows:
+    tied |= (top[:, 1:] == top[:, :-1]).any(dim=-1)  # or ties inside the top k
+    for i in tied.nonzero().flatten().tolist():  # one copy to the host
         cand = (values[i] >= top[i, -1]).nonzero().flatten()  # ascending ids
         order = torch.sort(values[i, cand], descending=True, stable=True).indices[:k]
         ids[i] = cand[order]
