@@ -54,6 +54,12 @@ static inline void store8(bf16* p, __m256 v) {
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
   _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
 }
+// 8 lanes of bf16 pairs (element 2i in the low half of lane i, 2i+1 in the high half):
+// the even elements and the odd ones as fp32
+static inline __m256 even_dims(__m256i pairs) { return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)); }
+static inline __m256 odd_dims(__m256i pairs) {
+  return _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
 static inline float bf16_to_f32(bf16 b) {
   const uint32_t u = (uint32_t)b << 16;
   float f;
@@ -76,12 +82,11 @@ template <int R, typename Out>
 static inline void tile(const bf16* wg, const float* bias, const float* x, Out* y, int K, int N, int n0) {
   __m256 acc[R][2];
   for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  const __m256i odd = _mm256_set1_epi32((int)0xFFFF0000u);
   for (int p = 0; p < K / 2; p++) {
     const __m256i w0 = _mm256_loadu_si256((const __m256i*)(wg + (size_t)p * 32));
     const __m256i w1 = _mm256_loadu_si256((const __m256i*)(wg + (size_t)p * 32 + 16));
-    const __m256 w0e = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), w0o = _mm256_castsi256_ps(_mm256_and_si256(w0, odd));
-    const __m256 w1e = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)), w1o = _mm256_castsi256_ps(_mm256_and_si256(w1, odd));
+    const __m256 w0e = even_dims(w0), w0o = odd_dims(w0);
+    const __m256 w1e = even_dims(w1), w1o = odd_dims(w1);
     for (int r = 0; r < R; r++) {
       const __m256 xe = _mm256_broadcast_ss(x + (size_t)r * K + 2 * p);
       const __m256 xo = _mm256_broadcast_ss(x + (size_t)r * K + 2 * p + 1);
@@ -248,10 +253,6 @@ struct AttnScratch {
   std::vector<float> s;       // [group][visible rounded up to 8] scores, then probabilities
 };
 
-static inline __m256 even_dims(__m256i pairs) { return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)); }
-static inline __m256 odd_dims(__m256i pairs) {
-  return _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xFFFF0000u)));
-}
 static const int PF = 32;  // keys ahead that K and V rows are prefetched
 static inline void prefetch_row(const bf16* p, int D) {
   for (int d = 0; d < D; d += 32) _mm_prefetch((const char*)(p + d), _MM_HINT_T0);
