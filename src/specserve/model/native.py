@@ -133,15 +133,24 @@ def _load(kind: str) -> tuple[ctypes.CDLL | None, str]:
     if missing:
         return None, f"the CPU lacks {', '.join(missing)}"
     try:
-        lib = ctypes.CDLL(str(build(source)))
+        lib = open_library(build(source))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         why = f"native kernels unavailable: {exc}"
         log.warning("%s; the %s library is not used", why, kind)
         return None, why
-    if lib.ss_init() != 0:
+    if lib is None:
         why = "Linux refused the AMX tile state (arch_prctl)"
         log.warning("%s; the %s library is not used", why, kind)
         return None, why
+    return lib, ""
+
+
+def open_library(path: Path) -> ctypes.CDLL | None:
+    """A built library (`build`) loaded and initialised, its entry points declared; None
+    where its initialisation fails (the AMX tile state refused)."""
+    lib = ctypes.CDLL(str(path))
+    if lib.ss_init() != 0:
+        return None
     i64p, f32 = ctypes.POINTER(ctypes.c_int64), ctypes.c_float
     vp, ci = ctypes.c_void_p, ctypes.c_int
     lib.ss_layer.argtypes = [i64p, i64p, f32, f32, vp, ci, ci, i64p, i64p, i64p, i64p, i64p, vp, vp, vp, vp]
@@ -150,7 +159,7 @@ def _load(kind: str) -> tuple[ctypes.CDLL | None, str]:
     lib.ss_linear.restype = None
     lib.ss_linear_f32.argtypes = [vp, vp, vp, vp, ci, ci, ci]
     lib.ss_linear_f32.restype = None
-    return lib, ""
+    return lib
 
 
 def library() -> ctypes.CDLL | None:
