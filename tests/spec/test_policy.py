@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from specserve.spec.policy import AdaptiveSpecPolicy, ForwardCost
+from specserve.spec.policy import AdaptiveSpecPolicy, DraftTime, ForwardCost, StepOverhead, _solve
 
 
 def linear_cost(seqs=(1, 2, 4, 8, 16), tokens=(1, 2, 3, 5, 9), base=0.02, per_seq=0.002, per_row=0.0):
@@ -151,6 +151,56 @@ def test_a_negative_trend_drops_its_coefficient():
         policy.observe_step(seqs, seqs, 0.01 + overheads[seqs], forward_seconds=0.01, drafted=0, decoding=seqs)
     assert policy.overhead.coef[1] == 0.0
     assert policy.overhead(1, 0) == pytest.approx(sum(overheads.values()) / 5, rel=0.1)
+
+
+def test_small_solves_match_lstsq_singular_or_not():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3):
+        for _ in range(50):
+            x = rng.normal(size=(8, n))
+            a, b = x.T @ x, x.T @ rng.normal(size=8)
+            expected = np.linalg.lstsq(a, b, rcond=None)[0]
+            assert _solve(a.tolist(), b.tolist()) == pytest.approx(expected.tolist(), rel=1e-9, abs=1e-12)
+    # rank 1 (every call drafted the same count): lstsq's minimum-norm solution
+    a, b = [[4.0, 8.0], [8.0, 16.0]], [2.0, 4.0]
+    assert _solve(a, b) == pytest.approx(np.linalg.lstsq(np.array(a), np.array(b), rcond=None)[0].tolist())
+    assert _solve([[0.0]], [0.0]) == [0.0]
+
+
+def test_the_fits_match_a_least_squares_reference():
+    """The fits solve their normal equations in plain floats: the same predictions as
+    numpy's lstsq on the same equations (the fit the policy had before), including one
+    sequence throughout (the sequence count's column equals the fixed one) and a
+    coefficient dropped for coming out negative. (Coefficients themselves may differ where
+    one sits at zero: a rounding-level negative is dropped, a positive kept.)"""
+
+    def reference(fit) -> np.ndarray:
+        active = list(range(len(fit.coef)))
+        while active:
+            g = fit.gram[np.ix_(active, active)]
+            penalty = np.diag([fit.ridge * max(np.trace(g), 1.0) if fit.shrink[j] else 0.0 for j in active])
+            sol = np.linalg.lstsq(g + penalty, fit.moment[active], rcond=None)[0]
+            if (sol >= 0).all():
+                coef = np.zeros(len(fit.coef))
+                coef[active] = sol
+                return coef
+            active.pop(int(np.argmin(sol)))
+        return np.zeros(len(fit.coef))
+
+    rng = random.Random(0)
+    step, one_seq, falling, draft = StepOverhead(), StepOverhead(), StepOverhead(), DraftTime()
+    for _ in range(200):
+        s, k = rng.choice([1, 2, 4, 8]), rng.randint(0, 6)
+        step.observe(s, k, 0.001 + 0.0002 * s + 0.0001 * k + rng.gauss(0, 1e-4))
+        one_seq.observe(1, k, 0.001 + 0.0001 * k + rng.gauss(0, 1e-4))
+        falling.observe(s, k, 0.004 - 0.0002 * s + 0.0001 * k + rng.gauss(0, 1e-5))
+        n = rng.randint(1, 5)
+        draft.observe(n, 0.002 + 0.0005 * (n - 1) + rng.gauss(0, 1e-4))
+        for fit in (step, one_seq, falling, draft):
+            ref = reference(fit)
+            xs = [[1.0, s, k] for s in (1, 4, 16) for k in (0, 3, 12)] if len(ref) == 3 else [[1.0, 0], [1.0, 4]]
+            assert [fit.coef @ x for x in xs] == pytest.approx([ref @ x for x in xs], rel=1e-3)
+    assert falling.coef[1] == 0.0
 
 
 def test_a_cost_per_sequence_does_not_make_drafts_dearer_but_a_cost_per_draft_does():
