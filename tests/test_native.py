@@ -222,6 +222,19 @@ def test_native_lm_head_rows_are_exact_and_invariant(tmp_path, native_lib):
     assert (full - slow.compute_logits(x)).abs().max().item() <= 2**-6 * exact.abs().max().item()
 
 
+def test_native_final_norm_is_torch_rms_norm_to_a_rounding(tmp_path, native_lib):
+    model, _, _ = models(tmp_path, "llama")
+    torch.manual_seed(0)
+    x = (torch.randn(300, model.config.hidden_size) * 4).bfloat16()
+    got, want = model.native.norm(x, model.norm), model.norm(x)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert (got != want).float().mean().item() < 1e-3  # the sums run in another order: rare roundings
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-7).all()  # one bf16 rounding apart
+    for i in (0, 7, 299):  # a row is the same alone or among others
+        assert torch.equal(model.native.norm(x[i : i + 1], model.norm)[0], got[i])
+    assert torch.equal(model.native.norm(x.float(), model.norm), model.norm(x.float()))  # not bf16: torch's
+
+
 def test_native_linear_module(native_lib):
     torch.manual_seed(0)
     module = torch.nn.Linear(64, 96).bfloat16()

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specserve.model.cpu_kernels import replace_linears
-from specserve.model.layers import AttentionMetadata
+from specserve.model.layers import AttentionMetadata, RMSNorm
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -159,6 +159,8 @@ def open_library(path: Path) -> ctypes.CDLL | None:
     lib.ss_linear.restype = None
     lib.ss_linear_f32.argtypes = [vp, vp, vp, vp, ci, ci, ci]
     lib.ss_linear_f32.restype = None
+    lib.ss_rmsnorm.argtypes = [vp, vp, vp, ci, ci, f32]
+    lib.ss_rmsnorm.restype = None
     return lib
 
 
@@ -329,6 +331,19 @@ class NativeDecoder:
         if supports(model) is not None or (lib := library()) is None:
             return None
         return cls(model.config, list(model.layers), model.rope, lib)
+
+    def norm(self, x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+        """`norm(x)` (an `RMSNorm` after the layers) on the library's kernel: torch's
+        rms_norm of bf16 rows, fp32 inside and rounded once, without the op's dispatch (on
+        the AVX2 CPU 0.26 ms a call inside a step for 2 rows, against 0.11 ms). The sums run
+        in another order than torch's, so about 2 elements in 100,000 differ by a rounding."""
+        w = norm.weight
+        if type(norm) is not RMSNorm or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.dim() != 2:
+            return norm(x)
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        self.lib.ss_rmsnorm(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], float(norm.eps))
+        return y
 
     def run(
         self,

@@ -56,7 +56,7 @@ class DecoderModel(nn.Module):
         if self.config.embed_scale is not None:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         if self.native is not None and self.native.run(x, positions, meta, cache.k, cache.v, layer_mask):
-            return self.norm(x)
+            return self.native.norm(x, self.norm)
         cos, sin = self.rope.lookup(positions, x.dtype)
         if self.local_rope is not None:
             lcos, lsin = self.local_rope.lookup(positions, x.dtype)

@@ -91,7 +91,7 @@ class EagleHead(nn.Module):
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         x = self.fc(torch.cat([x, feats.to(x.dtype)], dim=-1))
         if self.native is not None and self.native.run(x, positions, meta, [k_pool], [v_pool], None):
-            return self.norm(x)
+            return self.native.norm(x, self.norm)
         cos, sin = target.rope.lookup(positions, x.dtype)
         return self.norm(self.layer(x, cos, sin, meta, k_pool, v_pool))
 

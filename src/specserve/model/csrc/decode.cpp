@@ -185,6 +185,12 @@ static void rmsnorm_row(const bf16* x, const bf16* w, bf16* out, int H, float ep
   for (int i = 0; i < H; i += 16) store16(out + i, _mm512_mul_ps(_mm512_mul_ps(load16(x + i), r), load16(w + i)));
 }
 
+// y = rms_norm(x) * w over M rows, bf16 in and out, on the calling thread: a model's final
+// norm over a few rows, where torch's op costs more in dispatch than in work
+extern "C" void ss_rmsnorm(const bf16* x, const bf16* w, bf16* y, int M, int H, float eps) {
+  for (int t = 0; t < M; t++) rmsnorm_row(x + (size_t)t * H, w, y + (size_t)t * H, H, eps);
+}
+
 // x += h (bf16, rounded once)
 static void residual_row(bf16* x, const bf16* h, int H) {
   for (int i = 0; i < H; i += 16) store16(x + i, _mm512_add_ps(load16(x + i), load16(h + i)));
