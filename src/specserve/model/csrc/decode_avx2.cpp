@@ -188,30 +188,23 @@ static inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-// torch's rms_norm on bf16: everything in fp32, rounded once (H % 8 == 0)
-static inline __m256 rms_scale(const bf16* x, int H, float eps) {
+// torch's rms_norm on bf16: everything in fp32, rounded once (H % 8 == 0); out is bf16, or
+// fp32 holding the rounded values (the next matmul's input)
+template <typename Out>
+static void rmsnorm_row(const bf16* x, const bf16* w, Out* out, int H, float eps) {
   __m256 ss = _mm256_setzero_ps();
   for (int i = 0; i < H; i += 8) {
     const __m256 v = load8(x + i);
     ss = _mm256_fmadd_ps(v, v, ss);
   }
-  return _mm256_set1_ps(1.0f / sqrtf(hsum8(ss) / (float)H + eps));
-}
-
-// out holds the rounded values in fp32 (the next matmul's input)
-static void rmsnorm_row(const bf16* x, const bf16* w, float* out, int H, float eps) {
-  const __m256 r = rms_scale(x, H, eps);
-  for (int i = 0; i < H; i += 8) _mm256_storeu_ps(out + i, round8(_mm256_mul_ps(_mm256_mul_ps(load8(x + i), r), load8(w + i))));
+  const __m256 r = _mm256_set1_ps(1.0f / sqrtf(hsum8(ss) / (float)H + eps));
+  for (int i = 0; i < H; i += 8) store_out(out + i, _mm256_mul_ps(_mm256_mul_ps(load8(x + i), r), load8(w + i)));
 }
 
 // y = rms_norm(x) * w over M rows, bf16 in and out, on the calling thread: a model's final
 // norm over a few rows, where torch's op costs more in dispatch than in work
 extern "C" void ss_rmsnorm(const bf16* x, const bf16* w, bf16* y, int M, int H, float eps) {
-  for (int t = 0; t < M; t++) {
-    const bf16* xr = x + (size_t)t * H;
-    const __m256 r = rms_scale(xr, H, eps);
-    for (int i = 0; i < H; i += 8) store8(y + (size_t)t * H + i, _mm256_mul_ps(_mm256_mul_ps(load8(xr + i), r), load8(w + i)));
-  }
+  for (int t = 0; t < M; t++) rmsnorm_row(x + (size_t)t * H, w, y + (size_t)t * H, H, eps);
 }
 
 // x += h (bf16, rounded once)
