@@ -288,3 +288,100 @@ def test_disabled_by_environment():
     env = {**os.environ, "SPECSERVE_NATIVE": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True disabled by SPECSERVE_NATIVE"
+
+
+# ---------------------------------------------------------------- the screened greedy LM head
+
+needs_screen = pytest.mark.skipif(
+    native.load("AVX2") is None or not hasattr(native.load("AVX2"), "ss_screen"),
+    reason="the screened LM head is in the AVX2 library, which does not run here",
+)
+
+
+def _screened_head(weight: torch.Tensor) -> native.NativeLMHead:
+    head = native.NativeLMHead(weight, native.load("AVX2"), screen=True)
+    assert head.screen is not None
+    return head
+
+
+@needs_screen
+def test_screen_bounds_hold_and_keep_every_argmax_and_tie():
+    """Every bf16 logit lies under its bound and the row maximum above the row's lower bound,
+    so the argmax (first of ties) is the full head's; candidates hold the exact logits."""
+    torch.manual_seed(0)
+    vocab, hidden = 4096, 128
+    w = torch.randn(vocab, hidden) * 0.05
+    w[:, 7] *= 8  # an outlier dimension, as real heads have
+    w[33] *= 4  # long enough to win where the input points its way
+    w[900] = w[33]  # exact ties: the same row twice, in another group
+    w[40] = w[33]  # and in the same group
+    w[2000] = w[1000]
+    w[2000, 0] += 1e-3  # a near tie (a bf16 step or so apart)
+    w = w.bfloat16()
+    head = _screened_head(w)
+    x = torch.randn(64, hidden) * 3
+    x[:8, 7] *= 20  # outliers in the input
+    x[8:16] = w[[33, 40, 900, 1000, 2000, 5, 6, 7]].float() * 40  # aligned with a row: ties at the top
+    x[16:24] = x[16:24] * 1e-3  # nearly flat rows: many candidates, the full head takes over
+    x = x.bfloat16()
+    screened = 0
+    for m in (1, 2):
+        for i in range(0, 64 - m + 1, m):
+            rows = x[i : i + m].contiguous()
+            full = head(rows)
+            got = head.argmax_logits(rows)
+            assert torch.equal(got.argmax(dim=-1), full.argmax(dim=-1))
+            kept = torch.isfinite(got)
+            assert torch.equal(got[kept], full[kept])
+            if not kept.all():
+                screened += 1
+                hi, glo = head.screen._scratch[m][:2]
+                assert (full <= hi).all()  # the upper bounds
+                assert (full.amax(dim=1) >= glo.amax(dim=1)).all()  # the lower bound of each maximum
+    assert screened > 40  # the screen decided nearly every call
+    tied = head.argmax_logits(x[8:9].contiguous())
+    assert tied.argmax().item() == 33 and tied[0, 40] == tied[0, 33] == tied[0, 900]  # the first of the ties
+
+
+@needs_screen
+def test_screen_hands_over_to_the_full_head():
+    torch.manual_seed(1)
+    w = (torch.randn(512, 64) * 0.05).bfloat16()
+    head = _screened_head(w)
+    x = torch.randn(3, 64).bfloat16()
+    assert torch.equal(head.argmax_logits(x), head(x))  # more rows than the screen pays for
+    bad = x[:1].clone()
+    bad[0, 3] = float("inf")
+    assert not head.screen.screen(bad, head.packed, torch.empty(1, 512))
+    assert torch.equal(head.argmax_logits(bad).isnan(), head(bad).isnan())  # the full head's logits
+    flat = torch.zeros(1, 64).bfloat16()  # every logit 0: all 512 tie, more than CAP candidates
+    assert torch.equal(head.argmax_logits(flat), head(flat))
+
+
+@needs_screen
+def test_greedy_decoding_is_the_same_with_and_without_the_screen(llm_bf16):
+    """Plain and speculative greedy decoding with the screened head (the default on the
+    AVX2 library) give the tokens of the full head."""
+    from specserve import SamplingParams
+
+    head = llm_bf16.model.native_head
+    if head is None or head.screen is None:
+        pytest.skip("the default model does not run on the AVX2 library here")
+    screen = head.screen
+    prompts = [llm_bf16.chat_prompt([{"role": "user", "content": q}])
+               for q in ("Name three colours and describe each.", "Write a haiku about the sea.")]
+    params = SamplingParams(max_tokens=48)
+    try:
+        for spec in (None, "ngram"):
+            llm_bf16.set_spec(spec)
+            outs = {}
+            for on in (False, True):
+                head.screen = screen if on else None
+                screen.groups = -1
+                outs[on] = [o.token_ids for o in llm_bf16.generate(prompts, params)]  # batched: 2 rows
+                outs[on] += [llm_bf16.generate([p], params)[0].token_ids for p in prompts]  # alone: 1 row
+                assert (screen.groups > 0) == on  # the screen decided (a handful of groups), or never ran
+            assert outs[True] == outs[False], spec
+    finally:
+        head.screen = screen
+        llm_bf16.set_spec(None)

@@ -288,7 +288,9 @@ class Engine:
             return []
         t0 = time.perf_counter()
         feeds = self.drafter is not None and getattr(self.drafter, "wants_hidden", False)
-        logits, hidden = self.runner.forward(items, all_hidden=feeds)
+        # rows that only take an argmax may get screened logits (exact at the maximum)
+        argmax_only = not any(needs_processing(s.params) or s.params.logprobs is not None for s in sampled)
+        logits, hidden = self.runner.forward(items, all_hidden=feeds, argmax_only=argmax_only)
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)  # verification waits for it anyway; the policy times it
         forward_time = time.perf_counter() - t0

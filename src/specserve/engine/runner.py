@@ -33,13 +33,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(
-        self, items: list[ForwardItem], layer_mask: list[bool] | None = None, all_hidden: bool = False
+        self,
+        items: list[ForwardItem],
+        layer_mask: list[bool] | None = None,
+        all_hidden: bool = False,
+        argmax_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the target over all items; K/V land in the cache at each item's cache_start.
 
         Returns (logits `[R, vocab]` fp32, hidden `[R, hidden]`) for the requested rows,
         in item order; with `all_hidden`, hidden holds every token's row `[T, hidden]`
-        (a trained drafter reads the target's features). The caller commits cache
+        (a trained drafter reads the target's features). With `argmax_only` the logits
+        serve argmax alone (`DecoderModel.compute_logits`). The caller commits cache
         lengths once it knows what was accepted.
         """
         ids: list[int] = []
@@ -68,6 +73,6 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, meta, self.cache, layer_mask)
         if len(rows) == len(ids):
-            return self.model.compute_logits(hidden), hidden
+            return self.model.compute_logits(hidden, argmax_only), hidden
         picked = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
-        return self.model.compute_logits(picked), hidden if all_hidden else picked
+        return self.model.compute_logits(picked, argmax_only), hidden if all_hidden else picked

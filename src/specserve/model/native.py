@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -161,6 +162,9 @@ def open_library(path: Path) -> ctypes.CDLL | None:
     lib.ss_linear_f32.restype = None
     lib.ss_rmsnorm.argtypes = [vp, vp, vp, ci, ci, f32]
     lib.ss_rmsnorm.restype = None
+    if hasattr(lib, "ss_screen"):  # the AVX2 library's screened greedy LM head
+        lib.ss_screen.argtypes = [vp, vp, vp, vp, vp, vp, ci, ci, ci, vp, vp, vp, vp, ci, vp]
+        lib.ss_screen.restype = ci
     return lib
 
 
@@ -252,18 +256,21 @@ class NativeLMHead:
     """The LM head on the AMX kernel: fp32 logits holding the bf16-rounded values, as
     `lm_head(x).float()` gives them, written once (no bf16 intermediate to widen)."""
 
-    def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL) -> None:  # [vocab, hidden] bf16
+    def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL, screen: bool = False) -> None:  # [vocab, hidden] bf16
         self.lib = lib
         self.packed = vnni_pack(weight)
         self.vocab, self.hidden = weight.shape
+        self.screen = ScreenedHead(weight, lib) if screen and hasattr(lib, "ss_screen") else None
 
     @classmethod
     def for_model(cls, model: DecoderModel) -> NativeLMHead | None:
-        """Where the model's layers run natively and the head's shape fits the tiles."""
+        """Where the model's layers run natively and the head's shape fits the tiles; screened
+        greedy rows (`argmax_logits`) on the AVX2 library unless `SPECSERVE_SCREEN=0`."""
         cfg = model.config
         if model.native is None or cfg.vocab_size % 32 or cfg.final_logit_softcapping:
             return None
-        return cls(model.lm_head.weight, model.native.lib)
+        screen = os.environ.get("SPECSERVE_SCREEN", "1").strip().lower() not in ("0", "false", "no", "off")
+        return cls(model.lm_head.weight, model.native.lib, screen=screen)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:  # [M, hidden] bf16 -> [M, vocab] fp32
         x = hidden.contiguous()
@@ -272,6 +279,69 @@ class NativeLMHead:
             self.lib.ss_linear_f32(self.packed.data_ptr(), None, x.data_ptr(), y.data_ptr(), x.shape[0], self.hidden,
                                    self.vocab)
         return y
+
+    def argmax_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [M, hidden] bf16 -> [M, vocab] fp32
+        """Logits for argmax only: each row's maximum and every logit that could tie with it
+        hold exactly `self(hidden)`'s values, the rest -inf (`ScreenedHead`); the full
+        logits where there is no screen or it cannot decide."""
+        x = hidden.contiguous()
+        if self.screen is None or not self.screen.screen(x, self.packed, out := torch.empty(x.shape[0], self.vocab)):
+            return self(x)
+        return out
+
+
+class ScreenedHead:
+    """An int8 copy of an LM head that bounds every logit of the bf16 kernel's (`ss_screen`
+    in csrc/decode_avx2.cpp): a greedy step reads 1 byte per weight instead of 2, then
+    computes exactly only the 16-output groups holding a logit that can reach its row's
+    maximum (a handful of the 3,072 groups of a 49,152-token vocabulary)."""
+
+    CAP = 256  # candidates per row beyond which the full head is cheaper
+    MAX_ROWS = 2  # at 3 rows and more the int8 screen costs what the bf16 head does on AVX2 (docs/native.md)
+
+    def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL) -> None:  # [vocab, hidden] bf16
+        self.lib = lib
+        vocab, hidden = weight.shape
+        gamma = 1.01 * hidden * 2.0**-24  # fp32 accumulation of `hidden` products
+        q = torch.empty(vocab, hidden, dtype=torch.int8)
+        scale, cw, dw = (torch.empty(vocab, dtype=torch.float32) for _ in range(3))
+        for lo in range(0, vocab, 4096):  # float64 in slices: a few MB at a time
+            w = weight[lo : lo + 4096].double()
+            s = (w.abs().amax(dim=1) / 127).float()
+            s[s == 0] = 1.0
+            qs = torch.round(w / s.double()[:, None]).clamp_(-127, 127)
+            back = qs * s.double()[:, None]  # exact: a float times a small integer
+            q[lo : lo + 4096] = qs.to(torch.int8)
+            scale[lo : lo + 4096] = s
+            up = 1.0 + 1e-6  # round the norms up
+            cw[lo : lo + 4096] = (back.norm(dim=1) * up).float()
+            dw[lo : lo + 4096] = (((w - back).norm(dim=1) + gamma * w.norm(dim=1)) * up).float()
+        self.packed = q.reshape(vocab // 16, 16, hidden // 2, 2).permute(0, 2, 1, 3).contiguous()
+        self.scale, self.cw, self.dw = scale, cw, dw
+        self.vocab, self.hidden = vocab, hidden
+        self._scratch: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def screen(self, x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor) -> bool:
+        """Fill `out [M, vocab]` with the bf16 head's (`packed`) logits wherever one can be
+        its row's maximum, -inf elsewhere; False (out untouched) when the screen cannot
+        decide: too many rows or candidates, a non-finite input."""
+        m = x.shape[0]
+        if not 0 < m <= self.MAX_ROWS:
+            return False
+        if m not in self._scratch:
+            self._scratch[m] = (
+                torch.empty(m, self.vocab, dtype=torch.float32),
+                torch.empty(m, self.vocab // 16, dtype=torch.float32),
+                torch.empty(m, self.CAP, dtype=torch.int32),
+                torch.empty(m, dtype=torch.int32),
+            )
+        hi, glo, cand, ncand = self._scratch[m]
+        self.groups = self.lib.ss_screen(
+            self.packed.data_ptr(), self.scale.data_ptr(), self.cw.data_ptr(), self.dw.data_ptr(), packed.data_ptr(),
+            x.data_ptr(), m, self.hidden, self.vocab, hi.data_ptr(), glo.data_ptr(), cand.data_ptr(),
+            ncand.data_ptr(), self.CAP, out.data_ptr(),
+        )
+        return self.groups >= 0
 
 
 def supports(model: DecoderModel) -> str | None:
@@ -411,6 +481,7 @@ def status() -> str:
 def describe(model: DecoderModel) -> str:
     """Which path `model`'s layers take, and why not the native one (`specserve info`)."""
     if model.native is not None:
-        return f"native ({kind_of(model.native.lib)})"
+        screened = model.native_head is not None and model.native_head.screen is not None
+        return f"native ({kind_of(model.native.lib)}){', greedy LM head screened in int8' if screened else ''}"
     why = supports(model) or (_why_not if library() is None else "packing disabled")
     return f"pytorch ({why})"

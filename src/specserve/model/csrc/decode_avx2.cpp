@@ -167,6 +167,174 @@ extern "C" void ss_linear_f32(const bf16* wp, const float* bias, const bf16* x, 
   linear_call(wp, bias, x, y, M, K, N);
 }
 
+// ---------------------------------------------------------------- screened greedy LM head
+//
+// Greedy decoding needs the argmax of each logits row, not the row. ss_screen reads an
+// int8 copy of the LM head (half the bytes of the bf16 one, which a decode step streams
+// from memory) and bounds every logit: with w = sw * qw + ew (per vocabulary row, int8
+// qw) and x = sh * qx + ex (per input row, int16 qx), the bf16 kernel's logit v of row
+// (r, o) satisfies |v - a| <= E, a = sw * sh * (qw . qx) (exact in int32), E = (||sw qw||
+// ||ex|| + (||ew|| + gamma ||w||) ||x||) (1 + 2^-8) + |a| (2^-8 + 4e-7), all times 1.01
+// (Cauchy-Schwarz on the quantization errors; gamma covers the fp32 accumulation, 2^-8
+// the rounding to bf16, 4e-7 the scaling of a). Outputs whose a + E reaches the largest
+// a - E of their row are the candidates: every other logit lies strictly below the
+// row's maximum. The caller computes the candidates' logits exactly (the bf16 kernel on
+// their 16-output groups), so the argmax and its ties are the full head's.
+//
+// wq: [N/16][K/2][16][2] int8 (the bf16 layout); sw, cw (||sw qw||), dw (||ew|| + gamma
+// ||w||): [N] fp32. wp: the bf16 head (vnni_pack). x: [M, K] bf16. hi: [M, N] and glo:
+// [M, N/16] scratch; cand: [M, cap] candidate indices, ncand: [M]. y: [M, N] the bf16
+// head's logits for every group holding a candidate of some row, -inf elsewhere.
+// Returns how many groups it computed, or -1 when an input row is not finite or a row
+// has more than `cap` candidates (y untouched: the caller runs the full head).
+
+template <int R, bool STREAM>
+static inline void screen_tile(const int8_t* wg, const int16_t* xq, int K, __m256i acc[][2]) {
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int p = 0; p < K / 2; p++) {
+    if (STREAM && !(p & 1)) _mm_prefetch((const char*)(wg + (size_t)p * 32 + 2 * PFW), _MM_HINT_T0);
+    const __m256i w = _mm256_loadu_si256((const __m256i*)(wg + (size_t)p * 32));
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));       // outputs 0-7, 2 inputs each
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));  // outputs 8-15
+    for (int r = 0; r < R; r++) {
+      int32_t pair;
+      memcpy(&pair, xq + (size_t)r * K + 2 * p, 4);
+      const __m256i xp = _mm256_set1_epi32(pair);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w0, xp));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w1, xp));
+    }
+  }
+}
+
+// a, E -> hi = a + E (stored) and the group's largest a - E, for R rows of one group
+template <int R>
+static inline void screen_bounds(__m256i acc[][2], const float* sw, const float* cw, const float* dw,
+                                 const float* sh, const float* neh, const float* nx, float* hi, float* glo, int N,
+                                 int NG, int g) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 rel = _mm256_set1_ps(0.00390625f + 4e-7f), grow = _mm256_set1_ps(1.00390625f);
+  const __m256 safety = _mm256_set1_ps(1.01f);
+  for (int r = 0; r < R; r++) {
+    __m256 lo = _mm256_set1_ps(-INFINITY);
+    for (int h = 0; h < 2; h++) {
+      const int o = 16 * g + 8 * h;
+      const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(sw + o), _mm256_set1_ps(sh[r]));
+      const __m256 a = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][h]), s);
+      __m256 e = _mm256_fmadd_ps(_mm256_loadu_ps(cw + o), _mm256_set1_ps(neh[r]),
+                                 _mm256_mul_ps(_mm256_loadu_ps(dw + o), _mm256_set1_ps(nx[r])));
+      e = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_andnot_ps(sign, a), rel, _mm256_mul_ps(e, grow)), safety);
+      _mm256_storeu_ps(hi + (size_t)r * N + o, _mm256_add_ps(a, e));
+      lo = _mm256_max_ps(lo, _mm256_sub_ps(a, e));
+    }
+    const __m128 l4 = _mm_max_ps(_mm256_castps256_ps128(lo), _mm256_extractf128_ps(lo, 1));
+    const __m128 l2 = _mm_max_ps(l4, _mm_movehl_ps(l4, l4));
+    glo[(size_t)r * NG + g] = _mm_cvtss_f32(_mm_max_ss(l2, _mm_shuffle_ps(l2, l2, 1)));
+  }
+}
+
+template <int R>
+static inline void screen_rows(bool first, const int8_t* wg, const int16_t* xq, const float* sw, const float* cw,
+                               const float* dw, const float* sh, const float* neh, const float* nx, float* hi,
+                               float* glo, int K, int N, int g) {
+  __m256i acc[R][2];
+  if (first) screen_tile<R, true>(wg, xq, K, acc);
+  else screen_tile<R, false>(wg, xq, K, acc);
+  screen_bounds<R>(acc, sw, cw, dw, sh, neh, nx, hi, glo, N, N / 16, g);
+}
+
+extern "C" int ss_screen(const int8_t* wq, const float* sw, const float* cw, const float* dw, const bf16* wp,
+                         const bf16* x, int M, int K, int N, float* hi, float* glo, int32_t* cand, int32_t* ncand,
+                         int cap, float* y) {
+  // the int16 inputs: |qw . qx| <= 127 * qmax * K stays inside int32
+  const double qmax = fmin(32767.0, floor(2147483647.0 / (127.0 * K)) - 1.0);
+  std::vector<int16_t> xq((size_t)M * K);
+  std::vector<float> sh(M), neh(M), nx(M);
+  for (int r = 0; r < M; r++) {
+    const bf16* xr = x + (size_t)r * K;
+    double amax = 0.0, sx = 0.0;
+    for (int k = 0; k < K; k++) {
+      const double v = bf16_to_f32(xr[k]);
+      amax = fmax(amax, fabs(v));
+      sx += v * v;
+    }
+    if (!(sx < INFINITY)) return -1;  // inf or NaN
+    const float s = amax > 0.0 ? (float)(amax / qmax) : 1.0f;
+    double se = 0.0;
+    for (int k = 0; k < K; k++) {
+      const double v = bf16_to_f32(xr[k]);
+      const double q = fmin(qmax, fmax(-qmax, nearbyint(v / s)));
+      xq[(size_t)r * K + k] = (int16_t)q;
+      se += (v - (double)s * q) * (v - (double)s * q);
+    }
+    sh[r] = s;
+    neh[r] = (float)(sqrt(se) * (1.0 + 1e-6));
+    nx[r] = (float)(sqrt(sx) * (1.0 + 1e-6));
+  }
+  const int NG = N / 16;
+  int status = 0;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int g = 0; g < NG; g++) {
+      const int8_t* wg = wq + (size_t)g * (K / 2) * 32;
+      int m = 0;
+      for (; m + 4 <= M; m += 4)
+        screen_rows<4>(m == 0, wg, xq.data() + (size_t)m * K, sw, cw, dw, &sh[m], &neh[m], &nx[m],
+                       hi + (size_t)m * N, glo + (size_t)m * NG, K, N, g);
+      switch (M - m) {
+        case 3: screen_rows<3>(m == 0, wg, xq.data() + (size_t)m * K, sw, cw, dw, &sh[m], &neh[m], &nx[m],
+                               hi + (size_t)m * N, glo + (size_t)m * NG, K, N, g); break;
+        case 2: screen_rows<2>(m == 0, wg, xq.data() + (size_t)m * K, sw, cw, dw, &sh[m], &neh[m], &nx[m],
+                               hi + (size_t)m * N, glo + (size_t)m * NG, K, N, g); break;
+        case 1: screen_rows<1>(m == 0, wg, xq.data() + (size_t)m * K, sw, cw, dw, &sh[m], &neh[m], &nx[m],
+                               hi + (size_t)m * N, glo + (size_t)m * NG, K, N, g); break;
+        default: break;
+      }
+    }
+#pragma omp for schedule(static)
+    for (int r = 0; r < M; r++) {
+      float bar = -INFINITY;
+      for (int g = 0; g < NG; g++) bar = fmaxf(bar, glo[(size_t)r * NG + g]);
+      const float* h = hi + (size_t)r * N;
+      int n = 0;
+      for (int o = 0; o < N; o++) {
+        if (h[o] >= bar) {
+          if (n < cap) cand[(size_t)r * cap + n] = o;
+          n++;
+        }
+      }
+      ncand[r] = n;
+      if (n > cap) {
+#pragma omp atomic write
+        status = -1;
+      }
+    }
+  }
+  if (status != 0) return status;
+  // the candidates' groups exactly, by the bf16 head's own tiles; -inf elsewhere
+  std::vector<char> marked(NG, 0);
+  for (int r = 0; r < M; r++)
+    for (int i = 0; i < ncand[r]; i++) marked[cand[(size_t)r * cap + i] / 16] = 1;
+  std::vector<float> xf((size_t)M * K);
+  for (size_t i = 0; i < xf.size(); i++) xf[i] = bf16_to_f32(x[i]);
+  for (size_t i = 0; i < (size_t)M * N; i++) y[i] = -INFINITY;
+  int groups = 0;
+  for (int g = 0; g < NG; g++) {
+    if (!marked[g]) continue;
+    groups++;
+    const bf16* wg = wp + (size_t)g * (K / 2) * 32;
+    int m = 0;
+    for (; m + 4 <= M; m += 4) tile<4, false>(wg, nullptr, xf.data() + (size_t)m * K, y + (size_t)m * N, K, N, 16 * g);
+    switch (M - m) {
+      case 3: tile<3, false>(wg, nullptr, xf.data() + (size_t)m * K, y + (size_t)m * N, K, N, 16 * g); break;
+      case 2: tile<2, false>(wg, nullptr, xf.data() + (size_t)m * K, y + (size_t)m * N, K, N, 16 * g); break;
+      case 1: tile<1, false>(wg, nullptr, xf.data() + (size_t)m * K, y + (size_t)m * N, K, N, 16 * g); break;
+      default: break;
+    }
+  }
+  return groups;
+}
+
 // ---------------------------------------------------------------- elementwise
 
 // exp: Cephes-style range reduction + degree-6 polynomial (about 1 ulp), as decode.cpp's
