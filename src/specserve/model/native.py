@@ -303,19 +303,21 @@ class ScreenedHead:
         self.lib = lib
         vocab, hidden = weight.shape
         gamma = 1.01 * hidden * 2.0**-24  # fp32 accumulation of `hidden` products
+        up = 1.0 + 4 * hidden * 2.0**-24 + 1e-6  # fp32 norms of `hidden` terms, rounded up
         q = torch.empty(vocab, hidden, dtype=torch.int8)
         scale, cw, dw = (torch.empty(vocab, dtype=torch.float32) for _ in range(3))
-        for lo in range(0, vocab, 4096):  # float64 in slices: a few MB at a time
-            w = weight[lo : lo + 4096].double()
-            s = (w.abs().amax(dim=1) / 127).float()
+        for lo in range(0, vocab, 4096):  # fp32 in slices; the bounds absorb its roundings
+            w = weight[lo : lo + 4096].float()
+            s = w.abs().amax(dim=1) / 127
             s[s == 0] = 1.0
-            qs = torch.round(w / s.double()[:, None]).clamp_(-127, 127)
-            back = qs * s.double()[:, None]  # exact: a float times a small integer
+            qs = torch.round(w / s[:, None]).clamp_(-127, 127)
+            back = qs * s[:, None]  # sw * qw to one rounding (2^-24 of it)
+            norm = w.norm(dim=1) * up
+            slack = 2.0**-22 * norm  # what the roundings of `back` and `w - back` can hide
             q[lo : lo + 4096] = qs.to(torch.int8)
             scale[lo : lo + 4096] = s
-            up = 1.0 + 1e-6  # round the norms up
-            cw[lo : lo + 4096] = (back.norm(dim=1) * up).float()
-            dw[lo : lo + 4096] = (((w - back).norm(dim=1) + gamma * w.norm(dim=1)) * up).float()
+            cw[lo : lo + 4096] = back.norm(dim=1) * up + slack
+            dw[lo : lo + 4096] = (w - back).norm(dim=1) * up + slack + gamma * norm
         self.packed = q.reshape(vocab // 16, 16, hidden // 2, 2).permute(0, 2, 1, 3).contiguous()
         self.scale, self.cw, self.dw = scale, cw, dw
         self.vocab, self.hidden = vocab, hidden
