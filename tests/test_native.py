@@ -356,6 +356,10 @@ def test_screen_hands_over_to_the_full_head():
     assert torch.equal(head.argmax_logits(bad).isnan(), head(bad).isnan())  # the full head's logits
     flat = torch.zeros(1, 64).bfloat16()  # every logit 0: all 512 tie, more than CAP candidates
     assert torch.equal(head.argmax_logits(flat), head(flat))
+    tiny = (x[:1].float() * 1e-37).bfloat16()  # logits in fp32's subnormal range: not bounded
+    assert not head.screen.screen(tiny, head.packed, torch.empty(1, 512))
+    w[5] *= 1e-25  # a row whose squares underflow: no screen for this head
+    assert native.NativeLMHead(w, native.load("AVX2"), screen=True).screen is None
 
 
 @needs_screen

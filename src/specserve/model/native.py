@@ -260,7 +260,8 @@ class NativeLMHead:
         self.lib = lib
         self.packed = vnni_pack(weight)
         self.vocab, self.hidden = weight.shape
-        self.screen = ScreenedHead(weight, lib) if screen and hasattr(lib, "ss_screen") else None
+        fits = screen and hasattr(lib, "ss_screen") and ScreenedHead.fits(weight)
+        self.screen = ScreenedHead(weight, lib) if fits else None
 
     @classmethod
     def for_model(cls, model: DecoderModel) -> NativeLMHead | None:
@@ -298,6 +299,13 @@ class ScreenedHead:
 
     CAP = 256  # candidates per row beyond which the full head is cheaper
     MAX_ROWS = 2  # at 3 rows and more the int8 screen costs what the bf16 head does on AVX2 (docs/native.md)
+
+    @staticmethod
+    def fits(weight: torch.Tensor) -> bool:
+        """Whether the bounds hold for these weights: every row zero or its largest magnitude
+        within 2^-40..2^40, where fp32 neither underflows nor overflows (trained heads are)."""
+        amax = weight.abs().amax(dim=1).float()
+        return bool(((amax == 0) | ((amax >= 2.0**-40) & (amax <= 2.0**40))).all())
 
     def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL) -> None:  # [vocab, hidden] bf16
         self.lib = lib

@@ -176,7 +176,9 @@ extern "C" void ss_linear_f32(const bf16* wp, const float* bias, const bf16* x, 
 // (r, o) satisfies |v - a| <= E, a = sw * sh * (qw . qx) (exact in int32), E = (||sw qw||
 // ||ex|| + (||ew|| + gamma ||w||) ||x||) (1 + 2^-8) + |a| (2^-8 + 4e-7), all times 1.01
 // (Cauchy-Schwarz on the quantization errors; gamma covers the fp32 accumulation, 2^-8
-// the rounding to bf16, 4e-7 the scaling of a). Outputs whose a + E reaches the largest
+// the rounding to bf16, 4e-7 the scaling of a; 2^-120 the roundings of tiny values, with
+// weights and inputs within 2^-40..2^40 in magnitude, else the full head runs). Outputs
+// whose a + E reaches the largest
 // a - E of their row are the candidates: every other logit lies strictly below the
 // row's maximum. The caller computes the candidates' logits exactly (the bf16 kernel on
 // their 16-output groups), so the argmax and its ties are the full head's.
@@ -213,7 +215,7 @@ static inline void screen_bounds(__m256i acc[][2], const float* sw, const float*
                                  int NG, int g) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256 rel = _mm256_set1_ps(0.00390625f + 4e-7f), grow = _mm256_set1_ps(1.00390625f);
-  const __m256 safety = _mm256_set1_ps(1.01f);
+  const __m256 safety = _mm256_set1_ps(1.01f), tiny = _mm256_set1_ps(0x1p-120f);
   for (int r = 0; r < R; r++) {
     __m256 lo = _mm256_set1_ps(-INFINITY);
     for (int h = 0; h < 2; h++) {
@@ -222,7 +224,8 @@ static inline void screen_bounds(__m256i acc[][2], const float* sw, const float*
       const __m256 a = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][h]), s);
       __m256 e = _mm256_fmadd_ps(_mm256_loadu_ps(cw + o), _mm256_set1_ps(neh[r]),
                                  _mm256_mul_ps(_mm256_loadu_ps(dw + o), _mm256_set1_ps(nx[r])));
-      e = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_andnot_ps(sign, a), rel, _mm256_mul_ps(e, grow)), safety);
+      e = _mm256_fmadd_ps(_mm256_andnot_ps(sign, a), rel, _mm256_fmadd_ps(e, grow, tiny));
+      e = _mm256_mul_ps(e, safety);
       _mm256_storeu_ps(hi + (size_t)r * N + o, _mm256_add_ps(a, e));
       lo = _mm256_max_ps(lo, _mm256_sub_ps(a, e));
     }
@@ -257,7 +260,9 @@ extern "C" int ss_screen(const int8_t* wq, const float* sw, const float* cw, con
       amax = fmax(amax, fabs(v));
       sx += v * v;
     }
-    if (!(sx < INFINITY)) return -1;  // inf or NaN
+    // inf or NaN; or magnitudes where fp32 would underflow or overflow (the bound covers
+    // roundings relative to the values, plus 2^-120 absolute; weights are checked at load)
+    if (!(sx < INFINITY) || (amax > 0.0 && (amax < 0x1p-40 || amax > 0x1p40))) return -1;
     const float s = amax > 0.0 ? (float)(amax / qmax) : 1.0f;
     double se = 0.0;
     for (int k = 0; k < K; k++) {
