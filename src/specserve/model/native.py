@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -330,6 +329,7 @@ class ScreenedHead:
         self.scale, self.cw, self.dw = scale, cw, dw
         self.vocab, self.hidden = vocab, hidden
         self._scratch: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.groups = -1  # groups the last call computed exactly (-1: it handed over to the full head)
 
     def screen(self, x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor) -> bool:
         """Fill `out [M, vocab]` with the bf16 head's (`packed`) logits wherever one can be
