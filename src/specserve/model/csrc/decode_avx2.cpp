@@ -120,23 +120,28 @@ static inline void tile_rows(bool first, const bf16* wg, const float* bias, cons
   else tile<R, false>(wg, bias, x, y, K, N, n0);
 }
 
+// the 16 outputs of group g for all M rows: tiles of 4 rows, then the rest
+template <typename Out>
+static inline void linear_group(const bf16* wp, const float* bias, const float* x, Out* y, int M, int K, int N,
+                                int g) {
+  const bf16* wg = wp + (size_t)g * (K / 2) * 32;
+  const int n0 = 16 * g;
+  int m = 0;
+  for (; m + 4 <= M; m += 4) tile_rows<4>(m == 0, wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, n0);
+  switch (M - m) {
+    case 3: tile_rows<3>(m == 0, wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, n0); break;
+    case 2: tile_rows<2>(m == 0, wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, n0); break;
+    case 1: tile_rows<1>(m == 0, wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, n0); break;
+    default: break;
+  }
+}
+
 // y[M, N] = x[M, K] @ W.T (+ bias) inside a parallel region, x fp32 (bf16 values);
 // y is bf16, or fp32 holding the bf16-rounded values. N % 16 == 0, K % 2 == 0.
 template <typename Out>
 static void linear_omp(const bf16* wp, const float* bias, const float* x, Out* y, int M, int K, int N) {
 #pragma omp for schedule(static)
-  for (int g = 0; g < N / 16; g++) {
-    const bf16* wg = wp + (size_t)g * (K / 2) * 32;
-    const int n0 = 16 * g;
-    int m = 0;
-    for (; m + 4 <= M; m += 4) tile_rows<4>(m == 0, wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, n0);
-    switch (M - m) {
-      case 3: tile_rows<3>(m == 0, wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, n0); break;
-      case 2: tile_rows<2>(m == 0, wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, n0); break;
-      case 1: tile_rows<1>(m == 0, wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, n0); break;
-      default: break;
-    }
-  }
+  for (int g = 0; g < N / 16; g++) linear_group(wp, bias, x, y, M, K, N, g);
 }
 
 static void widen_omp(const bf16* x, float* xf, size_t n) {
@@ -321,21 +326,13 @@ extern "C" int ss_screen(const int8_t* wq, const float* sw, const float* cw, con
   for (int r = 0; r < M; r++)
     for (int i = 0; i < ncand[r]; i++) marked[cand[(size_t)r * cap + i] / 16] = 1;
   std::vector<float> xf((size_t)M * K);
-  for (size_t i = 0; i < xf.size(); i++) xf[i] = bf16_to_f32(x[i]);
+  widen_omp(x, xf.data(), xf.size());  // outside a parallel region: on this thread
   for (size_t i = 0; i < (size_t)M * N; i++) y[i] = -INFINITY;
   int groups = 0;
   for (int g = 0; g < NG; g++) {
     if (!marked[g]) continue;
     groups++;
-    const bf16* wg = wp + (size_t)g * (K / 2) * 32;
-    int m = 0;
-    for (; m + 4 <= M; m += 4) tile<4, false>(wg, nullptr, xf.data() + (size_t)m * K, y + (size_t)m * N, K, N, 16 * g);
-    switch (M - m) {
-      case 3: tile<3, false>(wg, nullptr, xf.data() + (size_t)m * K, y + (size_t)m * N, K, N, 16 * g); break;
-      case 2: tile<2, false>(wg, nullptr, xf.data() + (size_t)m * K, y + (size_t)m * N, K, N, 16 * g); break;
-      case 1: tile<1, false>(wg, nullptr, xf.data() + (size_t)m * K, y + (size_t)m * N, K, N, 16 * g); break;
-      default: break;
-    }
+    linear_group(wp, nullptr, xf.data(), y, M, K, N, g);  // what ss_linear_f32 computes for the group
   }
   return groups;
 }
