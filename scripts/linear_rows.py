@@ -20,7 +20,7 @@ import torch
 from specserve.model import native
 
 SHAPES = (("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576), ("lm_head", 576, 49152))
-ROWS = (1, 2, 3, 4, 5, 8)
+ROWS = (1, 2, 3, 4, 5, 6, 8, 12, 16)
 
 
 def main() -> None:

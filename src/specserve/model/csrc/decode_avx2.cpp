@@ -85,6 +85,9 @@ static const int PFW = 2048;
 // R rows (x fp32 holding bf16 values, row stride K) x 16 outputs of group g. Each p reads
 // one 64-byte line of weights; STREAM (the group's first tile) prefetches PFW ahead, into
 // the next group where this thread's range goes on (a prefetch past the end is harmless).
+// The even inputs of p go to every row, then the odd ones: each accumulator still adds
+// input 2p before 2p + 1, and only two widened weight registers are live besides the 2R
+// accumulators (10% faster from 3 rows on than widening all four at once).
 template <int R, bool STREAM, typename Out>
 static inline void tile(const bf16* wg, const float* bias, const float* x, Out* y, int K, int N, int n0) {
   __m256 acc[R][2];
@@ -93,13 +96,15 @@ static inline void tile(const bf16* wg, const float* bias, const float* x, Out* 
     if (STREAM) _mm_prefetch((const char*)(wg + (size_t)p * 32 + PFW), _MM_HINT_T0);
     const __m256i w0 = _mm256_loadu_si256((const __m256i*)(wg + (size_t)p * 32));
     const __m256i w1 = _mm256_loadu_si256((const __m256i*)(wg + (size_t)p * 32 + 16));
-    const __m256 w0e = even_dims(w0), w0o = odd_dims(w0);
-    const __m256 w1e = even_dims(w1), w1o = odd_dims(w1);
+    const __m256 w0e = even_dims(w0), w1e = even_dims(w1);
     for (int r = 0; r < R; r++) {
       const __m256 xe = _mm256_broadcast_ss(x + (size_t)r * K + 2 * p);
-      const __m256 xo = _mm256_broadcast_ss(x + (size_t)r * K + 2 * p + 1);
       acc[r][0] = _mm256_fmadd_ps(w0e, xe, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(w1e, xe, acc[r][1]);
+    }
+    const __m256 w0o = odd_dims(w0), w1o = odd_dims(w1);
+    for (int r = 0; r < R; r++) {
+      const __m256 xo = _mm256_broadcast_ss(x + (size_t)r * K + 2 * p + 1);
       acc[r][0] = _mm256_fmadd_ps(w0o, xo, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(w1o, xo, acc[r][1]);
     }
@@ -120,19 +125,24 @@ static inline void tile_rows(bool first, const bf16* wg, const float* bias, cons
   else tile<R, false>(wg, bias, x, y, K, N, n0);
 }
 
-// the 16 outputs of group g for all M rows: tiles of 4 rows, then the rest
+// the 16 outputs of group g for all M rows, in tiles of at most 4 rows of near-equal
+// size (5 rows as 3 + 2, not 4 + 1: a 1-row tile widens the weights for 4 FMAs)
 template <typename Out>
 static inline void linear_group(const bf16* wp, const float* bias, const float* x, Out* y, int M, int K, int N,
                                 int g) {
   const bf16* wg = wp + (size_t)g * (K / 2) * 32;
   const int n0 = 16 * g;
-  int m = 0;
-  for (; m + 4 <= M; m += 4) tile_rows<4>(m == 0, wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, n0);
-  switch (M - m) {
-    case 3: tile_rows<3>(m == 0, wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, n0); break;
-    case 2: tile_rows<2>(m == 0, wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, n0); break;
-    case 1: tile_rows<1>(m == 0, wg, bias, x + (size_t)m * K, y + (size_t)m * N, K, N, n0); break;
-    default: break;
+  for (int m = 0; m < M;) {
+    const int left = M - m, tiles = (left + 3) / 4, r = (left + tiles - 1) / tiles;
+    const float* xm = x + (size_t)m * K;
+    Out* ym = y + (size_t)m * N;
+    switch (r) {
+      case 4: tile_rows<4>(m == 0, wg, bias, xm, ym, K, N, n0); break;
+      case 3: tile_rows<3>(m == 0, wg, bias, xm, ym, K, N, n0); break;
+      case 2: tile_rows<2>(m == 0, wg, bias, xm, ym, K, N, n0); break;
+      default: tile_rows<1>(m == 0, wg, bias, xm, ym, K, N, n0); break;
+    }
+    m += r;
   }
 }
 
