@@ -405,6 +405,39 @@ def test_process_convenience_matches_pipeline() -> None:
     torch.testing.assert_close(plain.probs, torch.softmax(logits, -1))
 
 
+def test_engine_temperature_only_rows_match_the_pipeline_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's shortcut for rows with a temperature and nothing else gives
+    process_batch's exact probabilities, and builds no token counts for them."""
+    from specserve.engine import engine as engine_mod
+
+    torch.manual_seed(11)
+    v = 49152
+    logits = torch.randn(4, v) * 4
+    outputs, prompts = [[1, 2, 2], [3], [], [4, 4]], [[5, 6]] * 4
+    cases = [
+        [SamplingParams(temperature=t) for t in (1.0, 0.7, 1.3, 1e-5)],
+        [SamplingParams(temperature=0.9, top_k=v), SamplingParams(temperature=1.0, top_k=-1),
+         SamplingParams(temperature=2.0, top_p=1.0), SamplingParams(temperature=0.5, min_p=0.0)],
+    ]
+    for params in cases:
+        assert all(engine_mod._temperature_only(p, v) for p in params)
+        expected = process_batch(logits, SamplingTensors.from_params(params))
+        with monkeypatch.context() as m:
+            m.setattr(engine_mod, "build_token_counts", None)  # not called
+            m.setattr(engine_mod, "process_batch", None)  # nor the pipeline
+            penalised, probs = engine_mod.processed_logits(logits, params, outputs, prompts)
+        assert torch.equal(penalised, expected.logits) and torch.equal(probs, expected.probs)
+    # anything else takes the pipeline: a greedy row, top-k, top-p, min-p, a penalty
+    for other in (dict(temperature=0.0), dict(temperature=1.0, top_k=5), dict(temperature=1.0, top_p=0.9),
+                  dict(temperature=1.0, min_p=0.1), dict(temperature=1.0, presence_penalty=0.5),
+                  dict(temperature=1.0, frequency_penalty=0.5), dict(temperature=1.0, repetition_penalty=1.1)):
+        assert not engine_mod._temperature_only(SamplingParams(**other), v)
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, frequency_penalty=0.5)]
+    penalised, probs = engine_mod.processed_logits(logits[:2], params, outputs[:2], prompts[:2])
+    expected = process_batch(logits[:2], SamplingTensors.from_params(params), build_token_counts(outputs[:2], v))
+    assert torch.equal(probs, expected.probs)
+
+
 # --------------------------------------------------------------------------- #
 # Sampling
 # --------------------------------------------------------------------------- #

@@ -16,7 +16,13 @@ import torch
 from specserve.cache.kv_cache import KVCache, KVCacheFull
 from specserve.engine.runner import ForwardItem, ModelRunner
 from specserve.engine.sequence import Sequence, Status, TokenLogprob
-from specserve.sampling.logits import SamplingTensors, build_token_counts, build_token_mask, process_batch
+from specserve.sampling.logits import (
+    GREEDY_TEMPERATURE_EPS,
+    SamplingTensors,
+    build_token_counts,
+    build_token_mask,
+    process_batch,
+)
 from specserve.sampling.params import SamplingParams
 from specserve.sampling.rng import ACCEPT, TOKEN, position_uniforms
 from specserve.sampling.sampler import compute_logprobs, sample
@@ -54,9 +60,22 @@ def _seeded_uniforms(
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
+def _penalised(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+
+
 def needs_processing(params: SamplingParams) -> bool:
     """False when the row is plain argmax (greedy without penalties)."""
-    return not params.greedy or params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+    return not params.greedy or _penalised(params)
+
+
+def _temperature_only(params: SamplingParams, vocab: int) -> bool:
+    """A sampled row whose distribution is softmax(logits / temperature): no penalty, no
+    top-k, top-p or min-p."""
+    return (
+        params.temperature >= GREEDY_TEMPERATURE_EPS and not 0 < params.top_k < vocab and params.top_p >= 1.0
+        and params.min_p <= 0.0 and not _penalised(params)
+    )
 
 
 def _walk_tree(tokens: list[int], parents: list[int], targets: list[int]) -> tuple[list[int], list[int]]:
@@ -84,10 +103,15 @@ def processed_logits(
     if not any(needs_processing(p) for p in params):
         return logits, None
     vocab = logits.shape[-1]
-    counts = build_token_counts(outputs, vocab, logits.device) if any(outputs) else None
-    prompt_mask = (
-        build_token_mask(prompts, vocab, logits.device) if any(p.repetition_penalty != 1.0 for p in params) else None
-    )
+    if all(_temperature_only(p, vocab) for p in params):
+        # what process_batch computes for these rows, without its per-field tensors
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)
+        logits = logits.float()
+        return logits, torch.softmax(logits / temperature[:, None], dim=-1)
+    repetition = any(p.repetition_penalty != 1.0 for p in params)
+    # token counts only where a penalty reads them (a [R, V] scatter a step otherwise)
+    counts = build_token_counts(outputs, vocab, logits.device) if any(map(_penalised, params)) and any(outputs) else None
+    prompt_mask = build_token_mask(prompts, vocab, logits.device) if repetition else None
     result = process_batch(logits, SamplingTensors.from_params(params, logits.device), counts, prompt_mask)
     return result.logits, result.probs
 
