@@ -124,7 +124,7 @@ def _coupled_accept(
 
 def _residual(
     p: torch.Tensor,  # [B, V] target rows at the first rejection
-    q_dense: torch.Tensor | None,  # [B, V] draft rows there (zero where q is one-hot)
+    q_dense: torch.Tensor,  # [B, V] draft rows there (zero where q is one-hot)
     draft_token: torch.Tensor,  # [B] int64, the rejected draft token
     one_hot: torch.Tensor,  # [B] bool, rows whose q is one-hot at draft_token
 ) -> torch.Tensor:
@@ -135,7 +135,7 @@ def _residual(
     Returns:
         ``[B, V]`` float32, non-negative, possibly all zero in a row.
     """
-    res = p if q_dense is None else (p - q_dense).clamp_(min=0.0)  # [B, V]
+    res = (p - q_dense).clamp_(min=0.0)  # [B, V]
     idx = draft_token[:, None]  # [B, 1]
     kept = res.gather(1, idx) * (~one_hot)[:, None]  # [B, 1]
     return res.scatter(1, idx, kept)
@@ -350,33 +350,30 @@ def verify(
 
         final_row = row_start_t + n_acc  # [B]
         p_final = probs[final_row]  # [B, V]
-        if t > 0:
+        if not dense:
+            # deterministic drafts only: every sampled row emits the target's own draw at
+            # its stopping row (coupled acceptance), so no residual is drawn from
+            final = torch.where(greedy_t, p_final.argmax(dim=-1), x_all[final_row])  # [B]
+        else:  # a draft model's q somewhere (so t > 0): a rejected row draws from the residual
             rejected = n_acc < num_draft_t  # [B]
             rej_idx = (draft_start_t + n_acc).clamp(max=t - 1)  # [B] draft index of rejection
             d_rej = draft_ids[rej_idx]  # [B]
-            q_final: torch.Tensor | None = None
-            one_hot = rejected  # [B]
-            if q_cat is not None:
-                q_row = dense_row_t[rej_idx]  # [B]
-                dense_rej = rejected & (q_row >= 0)  # [B]
-                q_final = q_cat[q_row.clamp(min=0)] * dense_rej[:, None]  # [B, V]
-                one_hot = rejected & ~dense_rej
-            res = _residual(p_final, q_final, d_rej, one_hot)  # [B, V]
+            q_row = dense_row_t[rej_idx]  # [B]
+            dense_rej = rejected & (q_row >= 0)  # [B]
+            q_final = q_cat[q_row.clamp(min=0)] * dense_rej[:, None]  # [B, V]
+            res = _residual(p_final, q_final, d_rej, rejected & ~dense_rej)  # [B, V]
             use_res = rejected & (res.sum(dim=-1) > 0)  # [B]
             dist = torch.where(use_res[:, None], res, p_final)  # [B, V]
-        else:
-            dist = p_final  # [B, V]
-        u_final = u[row_start_t + num_draft_t]  # [B] a row no acceptance test used
-        if uniforms is not None:  # seeded rows: the uniform of the emitted position
-            given = uniforms.to(dev)[final_row]
-            u_final = torch.where(torch.isnan(given), u_final, given)
-        sampled = inverse_cdf(dist, u_final)  # [B]
-        # sequences without a draft model's q emit the target's draw at the stopping row
-        has_dense = torch.zeros(b, dtype=torch.bool, device=dev)
-        if dense:
+            u_final = u[row_start_t + num_draft_t]  # [B] a row no acceptance test used
+            if uniforms is not None:  # seeded rows: the uniform of the emitted position
+                given = uniforms.to(dev)[final_row]
+                u_final = torch.where(torch.isnan(given), u_final, given)
+            sampled = inverse_cdf(dist, u_final)  # [B]
+            # sequences without a draft model's q emit the target's draw at the stopping row
+            has_dense = torch.zeros(b, dtype=torch.bool, device=dev)
             has_dense[torch.tensor(dense, dtype=torch.long, device=dev)] = True
-        sampled = torch.where(has_dense, sampled, x_all[final_row])
-        final = torch.where(greedy_t, p_final.argmax(dim=-1), sampled)  # [B]
+            sampled = torch.where(has_dense, sampled, x_all[final_row])
+            final = torch.where(greedy_t, p_final.argmax(dim=-1), sampled)  # [B]
 
     # The one device -> host transfer.
     flat = torch.cat([draft_ids, final, n_acc]).tolist()
