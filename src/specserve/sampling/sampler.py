@@ -54,9 +54,8 @@ def sample(
         raise ValueError(f"expected {n} generators, got {len(generators)}")
     if greedy is None:
         greedy = probs.amax(dim=-1) >= 1.0  # [N]
-    argmax = probs.argmax(dim=-1)  # [N]
     if bool(greedy.all()):
-        return argmax
+        return probs.argmax(dim=-1)
 
     u = torch.rand(n, dtype=torch.float64, device=dev)  # [N]
     for i, gen in enumerate(generators):
@@ -68,7 +67,9 @@ def sample(
     target = (u * cdf[:, -1]).unsqueeze(1)  # [N, 1]
     sampled = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [N]
     sampled = sampled.clamp_(max=probs.shape[-1] - 1)
-    return torch.where(greedy, argmax, sampled)
+    if not bool(greedy.any()):
+        return sampled  # no argmax to take (a [N, V] pass)
+    return torch.where(greedy, probs.argmax(dim=-1), sampled)
 
 
 class Logprobs(NamedTuple):
