@@ -323,9 +323,10 @@ class Engine:
         emitted, paths = self._verify(sampled, sampled_drafts, draft_probs, logits, sampled_parents)
         verify_time = time.perf_counter() - t0
         now = time.perf_counter()
+        fed_rows: list[tuple[str, int, list[int]]] = []  # (request, first position, forward rows) for the drafter
         for seq, n in chunks:
             if feeds:
-                self._feed_hidden(seq, seq.num_cached, hidden, range(row_of[seq.slot], row_of[seq.slot] + n))
+                fed_rows.append((seq.request_id, seq.num_cached, list(range(row_of[seq.slot], row_of[seq.slot] + n))))
             seq.num_cached += n
             self.cache.commit(seq.slot, seq.num_cached, seq.all_ids)
         for seq, d, parents, tokens, path in zip(sampled, sampled_drafts, sampled_parents, emitted, paths):
@@ -359,7 +360,9 @@ class Engine:
             if seq.slot is not None:
                 self.cache.commit(seq.slot, seq.num_cached, seq.all_ids)  # full blocks join the prefix cache
             if feeds and not seq.finished:
-                self._feed_hidden(seq, start, hidden, fed)
+                fed_rows.append((seq.request_id, start, list(fed)))
+        if fed_rows:
+            self._feed_hidden(hidden, fed_rows)
         if self.drafter is not None:
             # finished sequences were already released by the drafter and the policy
             levels = [draft_levels(d, p) for d, p in zip(drafts, proposal.parents)]
@@ -375,11 +378,16 @@ class Engine:
         )
         return sampled
 
-    def _feed_hidden(self, seq: Sequence, start: int, hidden: torch.Tensor, rows) -> None:
-        """Hand a feature-reading drafter the target's hidden rows of the tokens just
-        cached at positions start, start + 1, ... (prefill chunks, accepted drafts)."""
-        index = torch.as_tensor(list(rows), dtype=torch.long, device=hidden.device)
-        self.drafter.take_hidden(seq.request_id, start, hidden.index_select(0, index))
+    def _feed_hidden(self, hidden: torch.Tensor, fed: list[tuple[str, int, list[int]]]) -> None:
+        """Hand a feature-reading drafter the target's hidden rows of the tokens just cached:
+        per request, its first position and the forward rows of that position and the next
+        ones (prefill chunks, accepted drafts). One gather for the whole batch."""
+        index = torch.as_tensor([r for _, _, rows in fed for r in rows], dtype=torch.long, device=hidden.device)
+        gathered = hidden.index_select(0, index)
+        at = 0
+        for request_id, start, rows in fed:
+            self.drafter.take_hidden(request_id, start, gathered[at : at + len(rows)])
+            at += len(rows)
 
     def _view(self, seq: Sequence) -> SequenceView:
         return SequenceView(seq.request_id, seq.all_ids, len(seq.prompt_ids), seq.params, seq.slot, seq.generator)

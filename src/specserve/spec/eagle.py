@@ -119,11 +119,12 @@ class _State:
     first: int = 0  # the first position with a head cache entry (later ones after a prefix-cache hit)
     length: int = 0  # positions [first, length) hold head cache entries
     pending_start: int = 0
+    pending_end: int = 0  # the position after the last pending feature
     pending: list[torch.Tensor] = field(default_factory=list)  # target features from pending_start on
 
     @property
     def num_pending(self) -> int:
-        return sum(p.shape[0] for p in self.pending)
+        return self.pending_end - self.pending_start if self.pending else 0
 
 
 @dataclass
@@ -168,14 +169,14 @@ class EagleDrafter:
     def take_hidden(self, request_id: str, start: int, rows: torch.Tensor) -> None:
         """The target's features of positions start, start + 1, ... (just cached)."""
         st = self._state.setdefault(request_id, _State(start, start, start))
-        end = st.pending_start + st.num_pending
-        if st.pending and start == end:
+        if st.pending and start == st.pending_end:
             st.pending.append(rows.clone())
+            st.pending_end += rows.shape[0]
             return
         if start < st.first or (not st.pending and start > st.length):
             st.first = st.length = start  # no features before `start` (prefix-cache hit, recompute)
         st.length = min(st.length, start)
-        st.pending, st.pending_start = [rows.clone()], start
+        st.pending, st.pending_start, st.pending_end = [rows.clone()], start, start + rows.shape[0]
 
     def observe(self, seqs: Seq[SequenceView], num_accepted: Seq[int]) -> None:
         pass  # the accepted tokens' features arrive through take_hidden
