@@ -23,7 +23,7 @@ import types
 from pathlib import Path
 
 from specserve import LLM, SamplingParams
-from specserve.bench.workload import load_questions
+from specserve.bench.workload import load_questions, select_per_category
 from specserve.engine import engine as engine_mod
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,10 +59,8 @@ def main() -> None:
     args = p.parse_args()
     versions = {"new": {name: getattr(engine_mod, name) for _, name in FUNCTIONS}, "old": functions_at(args.rev)}
     llm = LLM(max_num_seqs=4, max_model_len=2048)
-    firsts = {}
-    for q in load_questions():
-        firsts.setdefault(q.category, q)
-    prompts = [llm.chat_prompt([{"role": "user", "content": q.turns[0]}]) for q in firsts.values()][: args.prompts]
+    firsts = select_per_category(load_questions(), 1)  # the first question of each category
+    prompts = [llm.chat_prompt([{"role": "user", "content": q.turns[0]}]) for q in firsts][: args.prompts]
     llm.set_spec(args.spec, None, adaptive=args.spec is not None)
     llm.generate([prompts[0]], SamplingParams(max_tokens=16))  # warm-up
     totals = {mode: [0, 0.0, 0] for mode in versions}  # tokens, seconds, forwards

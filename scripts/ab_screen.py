@@ -24,7 +24,7 @@ import time
 import torch
 
 from specserve import LLM, SamplingParams
-from specserve.bench.workload import load_questions
+from specserve.bench.workload import load_questions, select_per_category
 
 
 def main() -> None:
@@ -41,10 +41,8 @@ def main() -> None:
     screen = head.screen if head is not None else None
     if screen is None:
         raise SystemExit("no screened LM head here: it needs the AVX2 library (specserve info) and SPECSERVE_SCREEN unset")
-    firsts = {}
-    for q in load_questions():
-        firsts.setdefault(q.category, q)
-    prompts = [llm.chat_prompt([{"role": "user", "content": q.turns[0]}]) for q in firsts.values()][: args.prompts]
+    firsts = select_per_category(load_questions(), 1)  # the first question of each category
+    prompts = [llm.chat_prompt([{"role": "user", "content": q.turns[0]}]) for q in firsts][: args.prompts]
     if args.head:
         return time_head(llm, head, prompts, args.repetitions)
     batches = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]

@@ -14,16 +14,14 @@ import sys
 import time
 
 from specserve import LLM, SamplingParams
-from specserve.bench.workload import load_questions
+from specserve.bench.workload import load_questions, select_per_category
 from specserve.equivalence import first_divergence
 
 
 def main(specs: list[str]) -> None:
     llm = LLM(max_num_seqs=4, max_model_len=2048)
-    firsts = {}
-    for q in load_questions():
-        firsts.setdefault(q.category, q)
-    prompts = [llm.chat_prompt([{"role": "user", "content": q.turns[0]}]) for q in firsts.values()]
+    firsts = select_per_category(load_questions(), 1)  # the first question of each category
+    prompts = [llm.chat_prompt([{"role": "user", "content": q.turns[0]}]) for q in firsts]
     params = SamplingParams(max_tokens=128)
     plain: list[list[int]] = []
     for spec in [None, *specs]:

@@ -17,7 +17,7 @@ import argparse
 import time
 
 from specserve import LLM, SamplingParams
-from specserve.bench.workload import load_questions
+from specserve.bench.workload import load_questions, select_per_category
 
 
 def main() -> None:
@@ -27,10 +27,8 @@ def main() -> None:
     ap.add_argument("--repetitions", type=int, default=2)
     args = ap.parse_args()
     llm = LLM(max_num_seqs=4, max_model_len=2048)
-    firsts = {}
-    for q in load_questions():
-        firsts.setdefault(q.category, q)
-    prompts = [llm.chat_prompt([{"role": "user", "content": q.turns[0]}]) for q in firsts.values()][: args.prompts]
+    firsts = select_per_category(load_questions(), 1)  # the first question of each category
+    prompts = [llm.chat_prompt([{"role": "user", "content": q.turns[0]}]) for q in firsts][: args.prompts]
     runner = llm.engine.runner
     forward = runner.forward
     reading = [0.0]  # seconds of forwards that read a prompt, this request
@@ -61,9 +59,11 @@ def main() -> None:
     for m, r in res.items():
         decoding = r["total"] - r["prompt"]
         print(f"{m}: {r['tokens'] / r['total']:.1f} tok/s overall; prompt forwards {r['prompt']:.1f} s of "
-              f"{r['total']:.1f} s ({r['prompt'] / r['total']:.0%}); decoding {1000 * decoding / r['tokens']:.2f} ms a token")
+              f"{r['total']:.1f} s ({r['prompt'] / r['total']:.0%}); "
+              f"decoding {1000 * decoding / r['tokens']:.2f} ms a token")
     p, e = res["plain"], res[args.spec]
-    print(f"overall {p['total'] / e['total']:.3f}x; decoding alone {(p['total'] - p['prompt']) / (e['total'] - e['prompt']):.3f}x")
+    decoding_ratio = (p["total"] - p["prompt"]) / (e["total"] - e["prompt"])
+    print(f"overall {p['total'] / e['total']:.3f}x; decoding alone {decoding_ratio:.3f}x")
 
 
 if __name__ == "__main__":

@@ -60,13 +60,9 @@ def _seeded_uniforms(
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
-def _penalised(params: SamplingParams) -> bool:
-    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-
-
 def needs_processing(params: SamplingParams) -> bool:
     """False when the row is plain argmax (greedy without penalties)."""
-    return not params.greedy or _penalised(params)
+    return not params.greedy or params.has_penalties
 
 
 def _temperature_only(params: SamplingParams, vocab: int) -> bool:
@@ -74,7 +70,7 @@ def _temperature_only(params: SamplingParams, vocab: int) -> bool:
     top-k, top-p or min-p."""
     return (
         params.temperature >= GREEDY_TEMPERATURE_EPS and not 0 < params.top_k < vocab and params.top_p >= 1.0
-        and params.min_p <= 0.0 and not _penalised(params)
+        and params.min_p <= 0.0 and not params.has_penalties
     )
 
 
@@ -110,7 +106,8 @@ def processed_logits(
         return logits, torch.softmax(logits / temperature[:, None], dim=-1)
     repetition = any(p.repetition_penalty != 1.0 for p in params)
     # token counts only where a penalty reads them (a [R, V] scatter a step otherwise)
-    counts = build_token_counts(outputs, vocab, logits.device) if any(map(_penalised, params)) and any(outputs) else None
+    penalties = any(p.has_penalties for p in params)
+    counts = build_token_counts(outputs, vocab, logits.device) if penalties and any(outputs) else None
     prompt_mask = build_token_mask(prompts, vocab, logits.device) if repetition else None
     result = process_batch(logits, SamplingTensors.from_params(params, logits.device), counts, prompt_mask)
     return result.logits, result.probs

@@ -167,6 +167,11 @@ def open_library(path: Path) -> ctypes.CDLL | None:
     return lib
 
 
+def _switched_off(value: str) -> bool:
+    """Whether an environment switch's value turns its feature off."""
+    return value.strip().lower() in ("0", "false", "no", "off")
+
+
 def library() -> ctypes.CDLL | None:
     """The library models use: AMX where the CPU has it, else AVX2 (`SPECSERVE_NATIVE=avx2`:
     AVX2 only; `0`: none), built on first use; None where none can run here."""
@@ -176,7 +181,7 @@ def library() -> ctypes.CDLL | None:
             return _lib
         _tried = True
         wanted = os.environ.get("SPECSERVE_NATIVE", "1").strip().lower()
-        if wanted in ("0", "false", "no", "off"):
+        if _switched_off(wanted):
             _why_not = "disabled by SPECSERVE_NATIVE"
             return None
         kinds = [k for k, _, _ in KINDS if wanted != "avx2" or k == "AVX2"]
@@ -269,7 +274,7 @@ class NativeLMHead:
         cfg = model.config
         if model.native is None or cfg.vocab_size % 32 or cfg.final_logit_softcapping:
             return None
-        screen = os.environ.get("SPECSERVE_SCREEN", "1").strip().lower() not in ("0", "false", "no", "off")
+        screen = not _switched_off(os.environ.get("SPECSERVE_SCREEN", "1"))
         return cls(model.lm_head.weight, model.native.lib, screen=screen)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:  # [M, hidden] bf16 -> [M, vocab] fp32

@@ -145,6 +145,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def has_penalties(self) -> bool:
+        """True when a repetition, presence or frequency penalty is set."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def top_k_enabled(self) -> bool:
         """True when top-k filtering is active (``top_k >= 1``)."""
         return self.top_k > 0

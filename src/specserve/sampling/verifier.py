@@ -388,12 +388,6 @@ def verify(
 # --------------------------------------------------------------------------- #
 
 
-def _has_penalties(sp: SamplingParams) -> bool:
-    return (
-        sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
-    )
-
-
 def target_distributions(
     logits: torch.Tensor,  # [R, V], R = sum_i (len(draft_token_ids[i]) + 1)
     params: Sequence[SamplingParams],  # B
@@ -434,7 +428,7 @@ def target_distributions(
     row_params = [sp for sp, n in zip(params, num_rows) for _ in range(n)]  # R
     logits = logits.float()  # [R, V]
 
-    penalised_seqs = [i for i in range(b) if _has_penalties(params[i])]
+    penalised_seqs = [i for i in range(b) if params[i].has_penalties]
     if penalised_seqs:
         pen = set(penalised_seqs)
         # Counts of the output so far, one row per sequence (empty if unpenalised).
