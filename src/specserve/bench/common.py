@@ -91,18 +91,6 @@ def build_prompts(llm, questions: Sequence[Question]) -> list[Prompt]:
     return [Prompt(q, llm.chat_prompt([{"role": "user", "content": q.turns[0]}])) for q in questions]
 
 
-def parse_method_list(text: str | Iterable[str], known: Sequence[str]) -> list[str]:
-    """`"a, b,a"` -> `["a", "b"]`: names from `known`, no duplicates, at least one (errors name --methods)."""
-    items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text)]
-    items = [m for m in items if m]
-    if not items:
-        raise ValueError(f"--methods: give at least one of {', '.join(known)}")
-    unknown = [m for m in items if m not in known]
-    if unknown:
-        raise ValueError(f"--methods: unknown method {', '.join(unknown)}; choose from {', '.join(known)}")
-    return list(dict.fromkeys(items))
-
-
 def check_fits(prompts: Sequence[Prompt], max_tokens: int, max_model_len: int) -> None:
     longest = max(len(p.token_ids) for p in prompts)
     if longest + max_tokens > max_model_len:

@@ -17,11 +17,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from specserve.bench.common import parse_method_list
 from specserve.bench.records import PLAIN, Generation
 from specserve.sampling.params import SamplingParams
 
@@ -44,6 +43,18 @@ PEER_INSTALL = {
 PEER_DRAFT_TOKENS = 10  # the peers' own prompt-lookup default (transformers' docs, LlamaPromptLookupDecoding)
 LLAMA_CPP_THREADS = 2
 NEEDS_DRAFT_MODEL = ("draft-model", "transformers+assisted")
+
+
+def parse_method_list(text: str | Iterable[str], known: Sequence[str]) -> list[str]:
+    """`"a, b,a"` -> `["a", "b"]`: names from `known`, no duplicates, at least one (errors name --methods)."""
+    items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text)]
+    items = [m for m in items if m]
+    if not items:
+        raise ValueError(f"--methods: give at least one of {', '.join(known)}")
+    unknown = [m for m in items if m not in known]
+    if unknown:
+        raise ValueError(f"--methods: unknown method {', '.join(unknown)}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(items))
 
 
 def parse_methods(text: str | Iterable[str]) -> list[str]:

@@ -40,13 +40,13 @@ from specserve.bench.common import (
     first_divergence,
     header_table,
     machine_info,
-    parse_method_list,
     plural,
     publish_report,
     raw_jsonl_path,
     select_questions,
     write_record,
 )
+from specserve.bench.methods import parse_method_list
 from specserve.sampling.params import SamplingParams
 
 PLAIN = "plain"

@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import time
+from typing import TYPE_CHECKING
 
-import torch
+from specserve.lazy import lazy_attributes
+from specserve.spec.names import RETRIEVAL, SPEC_METHODS, hybrid_error, split_hybrid
 
-from specserve.cache.kv_cache import KVCache
-from specserve.engine.runner import ForwardItem, ModelRunner
-from specserve.spec.base import Drafter, DraftProposal, SequenceView
-from specserve.spec.policy import AdaptiveSpecPolicy, FixedSpecPolicy, ForwardCost, SpecPolicy
-
-SPEC_METHODS = (
-    "ngram", "suffix", "draft-model:PATH", "layer-skip[:L1,L2,...]", "eagle[:DIR]", "medusa[:DIR]",
-    "ngram+MODEL", "suffix+MODEL",
-)
-RETRIEVAL = ("ngram", "suffix")  # the drafters that can lead a hybrid: RETRIEVAL+MODEL (MODEL: any other method)
-
-
-def split_hybrid(spec: str) -> tuple[str | None, str]:
-    """`"ngram+eagle:DIR"` -> `("ngram", "eagle:DIR")`; a spec without a retrieval lead -> `(None, spec)`."""
-    lead, plus, rest = spec.partition("+")
-    if plus and lead in RETRIEVAL:
-        return lead, rest
-    return None, spec
-
-
-def hybrid_error(spec: str) -> str | None:
-    """Why `spec` is not a valid hybrid (`RETRIEVAL+MODEL`), or None (also for a plain method)."""
-    lead, model = split_hybrid(spec)
-    if lead is not None and (model.partition(":")[0] in RETRIEVAL or split_hybrid(model)[0] is not None):
-        return f"{lead}+ pairs with a model drafter (eagle, medusa, draft-model, layer-skip), got {spec!r}"
-    return None
-
+if TYPE_CHECKING:
+    from specserve.spec.base import Drafter, DraftProposal, SequenceView
+    from specserve.spec.factory import make_drafter, measure_forward_cost, timed_forwards
+    from specserve.spec.policy import AdaptiveSpecPolicy, FixedSpecPolicy, ForwardCost, SpecPolicy
 
 __all__ = [
     "RETRIEVAL",
@@ -51,129 +29,12 @@ __all__ = [
     "timed_forwards",
 ]
 
-
-def make_drafter(
-    spec: str,
-    runner: ModelRunner,
-    tokenizer,
-    num_spec_tokens: int,
-    num_slots: int,
-) -> Drafter:
-    """Build the drafter named by `spec`; any problem is an error here, at start-up."""
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"spec must be one of {', '.join(SPEC_METHODS)}, got {spec!r}")
-    lead, rest = split_hybrid(spec)
-    if lead is not None:
-        why = hybrid_error(spec)
-        if why is not None:
-            raise ValueError(f"spec: {why}")
-        from specserve.spec.hybrid import HybridDrafter
-
-        return HybridDrafter(
-            make_drafter(lead, runner, tokenizer, num_spec_tokens, num_slots),
-            make_drafter(rest, runner, tokenizer, num_spec_tokens, num_slots),
-        )
-    name, _, arg = spec.partition(":")
-    model = runner.model
-    if name == "ngram" and not arg:
-        from specserve.spec.ngram import NgramDrafter
-
-        return NgramDrafter(num_spec_tokens=num_spec_tokens)
-    if name == "suffix" and not arg:
-        from specserve.spec.suffix import SuffixDrafter
-
-        return SuffixDrafter(num_spec_tokens=max(num_spec_tokens, 1))
-    if name == "draft-model":
-        if not arg:
-            raise ValueError("spec 'draft-model' needs a path: draft-model:PATH")
-        from specserve.spec.draft_model import DraftModelDrafter
-
-        return DraftModelDrafter(
-            arg, model.config.vocab_size, tokenizer, model.dtype, model.device, num_slots, runner.cache.max_len
-        )
-    if name == "layer-skip":
-        from specserve.spec.layer_skip import LayerSkipDrafter
-
-        skip = None
-        if arg:
-            try:
-                skip = [int(x) for x in arg.split(",")]
-            except ValueError as exc:
-                raise ValueError(f"layer-skip takes a comma-separated list of layer indices, got {arg!r}") from exc
-        return LayerSkipDrafter(runner, skip, tokenizer)
-    if name == "eagle":
-        from specserve.spec.eagle import DEFAULT_EAGLE, EagleDrafter, load_head
-        from specserve.spec.heads import head_dir
-
-        head = load_head(head_dir("eagle", arg, DEFAULT_EAGLE), model)
-        return EagleDrafter(head, runner.cache.num_slots, runner.cache.max_len)
-    if name == "medusa":
-        from specserve.spec.heads import head_dir
-        from specserve.spec.medusa import DEFAULT_MEDUSA, MedusaDrafter
-        from specserve.spec.medusa import load_head as load_medusa
-
-        return MedusaDrafter(load_medusa(head_dir("medusa", arg, DEFAULT_MEDUSA), model))
-    raise ValueError(f"unknown spec {spec!r}; choose one of {', '.join(SPEC_METHODS)}")
-
-
-@torch.inference_mode()
-def timed_forwards(runner: ModelRunner, items: list[ForwardItem], reps: int) -> list[float]:
-    """Seconds of `reps` forwards of `items` after one untimed (nothing is committed, so
-    every forward writes the same cache entries)."""
-    device = runner.device
-    times = []
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        runner.forward(items)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return times[1:]
-
-
-@torch.inference_mode()
-def measure_forward_cost(
-    runner: ModelRunner, max_seqs: int, max_tokens: int, context: int = 128, reps: int = 2, far_context: int = 1024
-) -> ForwardCost:
-    """Target forward time by batch shape (best of `reps` after a warm-up), for up to
-    `max_seqs` sequences of up to `max_tokens` tokens each, every row's logits kept.
-
-    Measured on a scratch cache whose sequences hold `context` zeroed tokens each, at
-    sequence counts 1, 2, 4, ... and token counts 1, 2, 3, 5, 9, ... (1 + a power of 2).
-    The largest token count of (up to) 4 sequences is measured again over `far_context`
-    cached tokens: the difference per row and per key is the table's `per_row_key`
-    (attention grows with the context).
-    """
-    model = runner.model
-    cfg = model.config
-    max_tokens = max(1, min(max_tokens, model.max_len - 2))  # a small context limit caps the probe
-    context = max(1, min(context, model.max_len - max_tokens - 1))
-    far_context = max(context, min(far_context, model.max_len - max_tokens - 1))
-    seqs = sorted({1 << i for i in range(max_seqs.bit_length()) if 1 << i <= min(max_seqs, 32)})
-    tokens = sorted({1} | {1 + (1 << i) for i in range(max_tokens.bit_length()) if 1 + (1 << i) <= max_tokens} | {max_tokens})
-    kv = runner.cache.k[0]
-
-    def scratch_batch(num: int, start: int) -> tuple[ModelRunner, list[int]]:
-        scratch = KVCache(cfg.num_layers, num, start + max_tokens, cfg.num_kv_heads, cfg.head_dim, kv.dtype, kv.device)
-        for t in (*scratch.k, *scratch.v):
-            t.zero_()
-        slots = [scratch.allocate() for _ in range(num)]
-        for slot in slots:
-            scratch.ensure(slot, start + max_tokens)
-            scratch.commit(slot, start)
-        return ModelRunner(model, scratch), slots
-
-    def best(batch: tuple[ModelRunner, list[int]], s: int, n: int, start: int) -> float:
-        probe, slots = batch
-        return min(timed_forwards(probe, [ForwardItem(slot, start, [1] * n, logits_from=0) for slot in slots[:s]], reps))
-
-    near = scratch_batch(seqs[-1], context)
-    table = [tuple(best(near, s, n, context) for n in tokens) for s in seqs]
-    del near
-    per_row_key = 0.0
-    if far_context > context:
-        i = max(i for i, s in enumerate(seqs) if s <= 4)
-        far = best(scratch_batch(seqs[i], far_context), seqs[i], tokens[-1], far_context)
-        rows = seqs[i] * tokens[-1]
-        per_row_key = max(0.0, (far - table[i][-1]) / (rows * (far_context - context)))
-    return ForwardCost(tuple(seqs), tuple(tokens), tuple(table), context, per_row_key)
+# the PyTorch parts load on first use: the CLI checks `--spec` without PyTorch
+__getattr__, __dir__ = lazy_attributes(
+    globals(),
+    {
+        **dict.fromkeys(("Drafter", "DraftProposal", "SequenceView"), "specserve.spec.base"),
+        **dict.fromkeys(("make_drafter", "measure_forward_cost", "timed_forwards"), "specserve.spec.factory"),
+        **dict.fromkeys(("AdaptiveSpecPolicy", "FixedSpecPolicy", "ForwardCost", "SpecPolicy"), "specserve.spec.policy"),
+    },
+)
