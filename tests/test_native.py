@@ -142,10 +142,14 @@ def test_native_row_invariance(tmp_path, monkeypatch, native_lib, family):
     ids = torch.randint(0, VOCAB, (48,)).tolist()
     alone = decode_alone(model, ids, 40)  # rows 40..47, one token per forward
 
-    # one prefill of everything
+    # one prefill of everything, alone and after another sequence's prompt (78 rows: the
+    # AVX2 library's wide tiles)
     cache = new_cache(model)
-    slot = cache.allocate()
+    slot, first = cache.allocate(), cache.allocate()
     assert torch.equal(run(model, cache, [(slot, 0, ids, None)])[40:], alone)
+    cache.truncate(slot, 0)
+    prompt = torch.randint(0, VOCAB, (30,)).tolist()
+    assert torch.equal(run(model, cache, [(first, 0, prompt, None), (slot, 0, ids, None)])[70:], alone)
 
     # a chain of 8 "drafts" verified at once, next to another sequence's prefill chunk
     cache = new_cache(model)
@@ -193,28 +197,32 @@ def test_native_row_invariance(tmp_path, monkeypatch, native_lib, family):
     assert torch.equal(run(model, small, [(c, 40, ids[40:], None)]), alone)
 
 
-def test_native_linear_is_exact_per_row(native_lib):
+@pytest.mark.parametrize(("rows", "inputs"), [(37, 64), (133, 1200)])
+def test_native_linear_is_exact_per_row(native_lib, rows, inputs):
+    """A row is the same alone or among others; 133 rows take the AVX2 library's wide
+    tiles (weights widened once, in slices when the inputs are many), 1 row the narrow ones."""
     lib = native_lib
     torch.manual_seed(0)
-    w = (torch.randn(96, 64) * 0.1).bfloat16()
+    w = (torch.randn(96, inputs) * 0.1).bfloat16()
     bias = torch.randn(96)
-    x = torch.randn(37, 64).bfloat16()
+    x = torch.randn(rows, inputs).bfloat16()
     packed = native.vnni_pack(w)
     y = native.linear(lib, packed, bias, x)
     ref = x.float() @ w.float().T + bias
     assert (y.float() - ref).abs().max().item() <= 2 * ref.abs().max().item() / 128  # one bf16 rounding
-    for m in (0, 5, 16, 36):
+    for m in (0, 5, 16, 36, rows - 2, rows - 1):
         assert torch.equal(native.linear(lib, packed, bias, x[m : m + 1].contiguous())[0], y[m])
+    assert torch.equal(native.linear(lib, packed, bias, x[3:8].contiguous()), y[3:8])
 
 
 def test_native_lm_head_rows_are_exact_and_invariant(tmp_path, native_lib):
     model, slow, _ = models(tmp_path, "llama")
     assert model.native_head is not None and slow.native_head is None
     assert not hasattr(model.lm_head, "packed")  # no second (oneDNN) copy next to the native one
-    x = torch.randn(37, model.config.hidden_size).to(torch.bfloat16)
+    x = torch.randn(70, model.config.hidden_size).to(torch.bfloat16)
     full = model.compute_logits(x)
     assert full.dtype == torch.float32 and torch.equal(full, full.bfloat16().float())  # bf16 values, as before
-    for i in (0, 5, 16, 36):  # a row is the same alone or among others
+    for i in (0, 5, 16, 36, 69):  # a row is the same alone or among others (70 rows: the wide tiles)
         assert torch.equal(model.compute_logits(x[i : i + 1]), full[i : i + 1])
     assert model.compute_logits(x[:0]).shape == (0, VOCAB)
     exact = x.float() @ model.lm_head.weight.float().T  # the same bf16 weights, an fp32 sum
