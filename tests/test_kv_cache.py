@@ -64,6 +64,35 @@ def test_shared_prefix_blocks_are_never_taken_for_growth():
     assert kv.tables[b][4] not in kv.tables[a]
 
 
+def test_a_cached_continuation_outlives_requests_that_share_only_its_prefix():
+    """A (a 2-block system prompt, then its own 3 blocks) finished and stays cached; B and
+    C share only the system prompt. Their growth goes to free blocks, not into A's cached
+    continuation, so A's next turn still finds all of its blocks. With no free block left,
+    the least recently used cached block goes first."""
+    kv = cache(num_blocks=12)
+    system, turn = list(range(32)), list(range(100, 148))
+    a = committed(kv, system + turn)
+    a_blocks = list(kv.tables[a])
+    kv.free(a)
+    own = []  # B's and C's blocks past the shared prefix
+    for other in (range(200, 248), range(300, 348)):
+        slot = kv.allocate()
+        assert kv.match_prefix(slot, system + list(other)) == 32
+        assert kv.ensure(slot, 80)
+        own.append(kv.tables[slot][2:])
+        assert not set(own[-1]) & set(a_blocks)
+        kv.commit(slot, 80, system + list(other))
+        kv.free(slot)
+    again = kv.allocate()
+    assert kv.match_prefix(again, system + turn + [1]) == 80  # every full block of A's turn
+    kv.free(again)
+    # 12 blocks: A's 5, B's and C's 3 each, one free: a new 3-block sequence takes the free
+    # one, then evicts the least recently used cached blocks (B's, not A's, used just now)
+    d = kv.allocate()
+    assert kv.ensure(d, 48)
+    assert sorted(kv.tables[d]) == sorted({*range(12)} - {*a_blocks, *own[0], *own[1]} | set(own[0][:2]))
+
+
 def _attend_all(read_mode: str, monkeypatch) -> torch.Tensor:
     cfg = ModelConfig(
         family="llama",

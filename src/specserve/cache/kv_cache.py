@@ -7,9 +7,9 @@ written at their cache index, so appending several tokens is one indexed copy an
 rolling speculation back is a length reset (`truncate`), never a copy.
 
 Placement keeps a sequence's blocks consecutive where it can (a new sequence starts in
-the middle of the largest free run, and grows into the block after its last one), so
-attention reads the common case as a strided view of the pool; scattered tables (shared
-prefixes, a crowded pool) are gathered.
+the middle of the largest free run, and grows into the block after its last one while
+that block is free), so attention reads the common case as a strided view of the pool;
+scattered tables (shared prefixes, a crowded pool) are read as runs or gathered.
 
 Prefix caching: once a block is full of committed tokens it gets a key chained from the
 previous block's key and its own token ids. A new sequence whose leading blocks match
@@ -172,14 +172,14 @@ class KVCache:
         return max(0, -(-num_tokens // self.block_size) - len(self.tables[slot]))
 
     def _take_block(self, preferred: int | None) -> int:
-        if preferred is not None and preferred < self.num_blocks and self._refs[preferred] == 0:
-            if preferred in self._key_of:
-                # a cached block nobody holds: keeping the sequence consecutive in the pool
-                # (attention then reads a view, not a gather) is worth more than its key
-                del self._evictable[preferred]
-                del self._block_of[self._key_of.pop(preferred)]
-                self._refs[preferred] = 1
-                return preferred
+        """A block for a growing sequence: `preferred` (the one after its last) when free, so
+        the sequence stays one run of the pool; else a free block; else the least recently
+        used cached one. A cached block is not taken while free ones remain, not even to stay
+        consecutive: after a shared prefix (a system prompt) the next block is often another
+        request's cached continuation, and taking it would make every repeated prompt or
+        next conversation turn miss the cache past that prefix (attention reads a sequence
+        of a few runs nearly as fast as one)."""
+        if preferred is not None and preferred < self.num_blocks and self._is_free[preferred]:
             block = preferred
         elif self._num_free_blocks:
             block = self._run_middle()
