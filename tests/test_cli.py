@@ -42,6 +42,21 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
 # ---------------------------------------------------------------- no model load
 
 
+def test_flags_are_checked_before_pytorch_is_imported():
+    """--help and flag errors (the --spec grammar included) come back without importing
+    PyTorch (0.1 s, not 2-3 s): the packages load their PyTorch parts on first use."""
+    code = (
+        "import sys\n"
+        "from specserve import cli\n"
+        "parser = cli.build_parser()\n"
+        "args = parser.parse_args(['generate', '--spec', 'ngram+eagle', 'x'])\n"
+        "cli._check_spec(parser, args.spec)\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('specserve'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize("command", [[], ["generate"], ["info"], ["bench"], ["bench", "plain"], ["bench", "spec"]])
 def test_help(command):
     proc = cli(*command, "--help")
