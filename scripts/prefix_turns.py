@@ -25,6 +25,8 @@ from specserve import LLM, SamplingParams
 from specserve.bench.workload import load_questions, select_per_category
 from specserve.cache.kv_cache import KVCache
 
+TAKE_BLOCK = KVCache._take_block  # this checkout's placement
+
 
 def take_block_before(self: KVCache, preferred: int | None) -> int:
     """The placement before 2026-12-02: the next block even when it is a cached block nobody holds."""
@@ -35,8 +37,6 @@ def take_block_before(self: KVCache, preferred: int | None) -> int:
         return preferred
     return TAKE_BLOCK(self, preferred)
 
-
-TAKE_BLOCK = KVCache._take_block
 
 
 def main() -> None:

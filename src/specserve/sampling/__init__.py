@@ -37,23 +37,7 @@ _TORCH_PARTS = {
     "specserve.sampling.sampler": ("Logprobs", "compute_logprobs", "make_generator", "sample"),
 }
 
-__all__ = [
-    "MAX_LOGPROBS",
-    "Logprobs",
-    "ProcessedLogits",
-    "SamplingParams",
-    "SamplingTensors",
-    "apply_penalties",
-    "build_token_counts",
-    "build_token_mask",
-    "compute_logprobs",
-    "draft_token_counts",
-    "logits_to_probs",
-    "make_generator",
-    "process",
-    "process_batch",
-    "sample",
-]
+__all__ = ["MAX_LOGPROBS", "SamplingParams", *(name for names in _TORCH_PARTS.values() for name in names)]
 
 # the PyTorch parts load on first use: the CLI validates SamplingParams without PyTorch
 __getattr__, __dir__ = lazy_attributes(globals(), {n: m for m, names in _TORCH_PARTS.items() for n in names})

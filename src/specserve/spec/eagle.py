@@ -197,7 +197,7 @@ class EagleDrafter:
             if budget <= 0 or st is None or not st.pending:
                 continue
             # catch-up rows, then at most top_k written nodes per depth
-            room = self.max_len - (st.pending_start + st.num_pending) - self.top_k * self.depth
+            room = self.max_len - st.pending_end - self.top_k * self.depth
             if room < 0 or st.pending_start != st.length:
                 continue
             active.append(i)
