@@ -79,17 +79,17 @@ def time_head(llm: LLM, head, prompts: list[str], repetitions: int) -> None:
     states of 1-4 consecutive rows of real decoding steps."""
     model = llm.model
     rows: list[torch.Tensor] = []
-    plain = model.compute_logits
+    plain = model.greedy_tokens
 
-    def capture(hidden: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
+    def capture(hidden: torch.Tensor) -> torch.Tensor:
         rows.append(hidden.detach().clone())
-        return plain(hidden, argmax_only)
+        return plain(hidden)
 
-    model.compute_logits = capture
+    model.greedy_tokens = capture
     try:
         llm.generate(prompts, SamplingParams(max_tokens=64))
     finally:
-        del model.compute_logits
+        del model.greedy_tokens
     states = torch.cat([r for r in rows if r.shape[0] <= 8])
     for m in (1, 2, 3, 4):
         times: dict[str, list[float]] = {"full": [], "screened": []}

@@ -197,7 +197,7 @@ def test_native_row_invariance(tmp_path, monkeypatch, native_lib, family):
     assert torch.equal(run(model, small, [(c, 40, ids[40:], None)]), alone)
 
 
-@pytest.mark.parametrize(("rows", "inputs"), [(37, 64), (133, 1200)])
+@pytest.mark.parametrize(("rows", "inputs"), [(37, 64), (133, 1216)])  # inputs % 32 == 0 for the AMX tiles
 def test_native_linear_is_exact_per_row(native_lib, rows, inputs):
     """A row is the same alone or among others; 133 rows take the AVX2 library's wide
     tiles (weights widened once, in slices when the inputs are many), 1 row the narrow ones."""
@@ -296,6 +296,42 @@ def test_disabled_by_environment():
     env = {**os.environ, "SPECSERVE_NATIVE": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True disabled by SPECSERVE_NATIVE"
+
+
+def test_native_greedy_head_is_the_argmax_of_its_logits(native_lib):
+    """`NativeLMHead.greedy`: each row's argmax of the head's own logits, the first of equal
+    maxima, alone or among other rows (on the AMX library a fused kernel that writes no
+    logits; 2 threads merge their halves of the vocabulary). A NaN logit is the maximum, as
+    torch's argmax takes it."""
+    torch.manual_seed(2)
+    vocab, hidden = 4096, 128
+    w = torch.randn(vocab, hidden) * 0.05
+    w[33] *= 4
+    w[900] = w[33]  # exact ties in another group, another thread's half and the same group
+    w[3000] = w[33]
+    w[40] = w[33]
+    w[5] = 0  # a zero row: every input ties it at 0
+    w = w.bfloat16()
+    head = native.NativeLMHead(w, native_lib)
+    x = torch.randn(40, hidden) * 3
+    x[8:12] = w[[33, 40, 900, 3000]].float() * 40  # aligned with the tied rows: ties at the top
+    x[12] = 0  # every logit 0: the first index wins
+    x[13, :] = -x[8]  # the tied rows at the bottom
+    x = x.bfloat16()
+    full = head(x)
+    want = full.argmax(dim=-1)
+    assert want[8:12].tolist() == [33] * 4 and want[12].item() == 0
+    for rows in (x, x[:1], x[8:9], x[12:14], x[3:20], x[:33]):
+        rows = rows.contiguous()
+        assert torch.equal(head.greedy(rows), head(rows).argmax(dim=-1))
+    assert torch.equal(head.greedy(x), want)
+    for i in (0, 8, 12, 13, 39):
+        assert torch.equal(head.greedy(x[i : i + 1].contiguous()), want[i : i + 1])
+    bad = x[:3].clone()
+    bad[1, 4] = float("nan")  # every logit of row 1 NaN
+    bad[2, 0] = float("inf")  # inf and -inf logits in row 2, some inf * 0 = NaN
+    assert torch.equal(head.greedy(bad), head(bad).argmax(dim=-1))
+    assert head.greedy(x[:0]).shape == (0,)
 
 
 # ---------------------------------------------------------------- the screened greedy LM head

@@ -16,6 +16,7 @@ import torch
 from specserve.cache.kv_cache import KVCache, KVCacheFull
 from specserve.engine.runner import ForwardItem, ModelRunner
 from specserve.engine.sequence import Sequence, Status, TokenLogprob
+from specserve.model.layers import greedy_ids
 from specserve.sampling.logits import (
     GREEDY_TEMPERATURE_EPS,
     SamplingTensors,
@@ -79,6 +80,29 @@ def _walk_tree(tokens: list[int], parents: list[int], targets: list[int]) -> tup
     after every node (`targets[0]` after the root, `targets[j + 1]` after draft j)."""
     path = walk(tokens, parents, targets)
     return [tokens[j] for j in path] + [targets[path[-1] + 1 if path else 0]], path
+
+
+def _walk_greedy(
+    drafts: list[list[int]], parents: list[list[int] | None], top: list[int]
+) -> tuple[list[list[int]], list[list[int] | None]]:
+    """Greedy verification from every row's argmax token `top` (rows in sequence order, each
+    sequence's root row then its drafts'): per sequence the emitted tokens and, for a token
+    tree, its accepted drafts. A chain keeps its drafts while they are the target's tokens."""
+    emitted: list[list[int]] = []
+    paths: list[list[int] | None] = []
+    start = 0
+    for d, tree in zip(drafts, parents):
+        targets = top[start : start + len(d) + 1]
+        start += len(d) + 1
+        if tree is None:
+            n = next((j for j, tok in enumerate(d) if tok != targets[j]), len(d))
+            emitted.append(d[:n] + [targets[n]])
+            paths.append(None)
+        else:
+            tokens, path = _walk_tree(d, tree, targets)
+            emitted.append(tokens)
+            paths.append(path)
+    return emitted, paths
 
 
 def _scoring_rows(start: int, num_emitted: int, path: list[int] | None) -> list[int]:
@@ -309,15 +333,18 @@ class Engine:
             return []
         t0 = time.perf_counter()
         feeds = self.drafter is not None and getattr(self.drafter, "wants_hidden", False)
-        # rows that only take an argmax may get screened logits (exact at the maximum)
-        argmax_only = not any(needs_processing(s.params) or s.params.logprobs is not None for s in sampled)
-        logits, hidden = self.runner.forward(items, all_hidden=feeds, argmax_only=argmax_only)
-        if logits.is_cuda:
-            torch.cuda.synchronize(logits.device)  # verification waits for it anyway; the policy times it
+        # rows that only take an argmax get their tokens from the head, without logits
+        greedy = not any(needs_processing(s.params) or s.params.logprobs is not None for s in sampled)
+        out, hidden = self.runner.forward(items, all_hidden=feeds, greedy=greedy)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)  # verification waits for it anyway; the policy times it
         forward_time = time.perf_counter() - t0
         row_of = dict(zip((it.slot for it in items), itertools.accumulate((len(it.token_ids) for it in items), initial=0)))
-        draft_probs = proposal.probs + [None] * (len(sampled) - len(decoding))
-        emitted, paths = self._verify(sampled, sampled_drafts, draft_probs, logits, sampled_parents)
+        if greedy:
+            emitted, paths = _walk_greedy(sampled_drafts, sampled_parents, out.tolist())
+        else:
+            draft_probs = proposal.probs + [None] * (len(sampled) - len(decoding))
+            emitted, paths = self._verify(sampled, sampled_drafts, draft_probs, out, sampled_parents)
         verify_time = time.perf_counter() - t0
         now = time.perf_counter()
         fed_rows: list[tuple[str, int, list[int]]] = []  # (request, first position, forward rows) for the drafter
@@ -444,20 +471,9 @@ class Engine:
             return [[t] for t in self._sample(seqs, logits)], [None] * len(seqs)
         starts = list(itertools.accumulate((len(d) + 1 for d in drafts), initial=0))
         if not any(needs_processing(s.params) for s in seqs):
-            # every row plain argmax: one argmax over all rows and one copy to the host, no
-            # distributions (a chain keeps its drafts while they are the target's tokens)
-            top = logits.argmax(dim=-1).tolist()
-            emitted, paths = [], []
-            for i, (d, tree) in enumerate(zip(drafts, parents)):
-                targets = top[starts[i] : starts[i + 1]]
-                if tree is None:
-                    n = next((j for j, tok in enumerate(d) if tok != targets[j]), len(d))
-                    emitted.append(d[:n] + [targets[n]])
-                    paths.append(None)
-                else:
-                    tokens, path = _walk_tree(d, tree, targets)
-                    emitted.append(tokens)
-                    paths.append(path)
+            # every row plain argmax (logprobs asked): one argmax over all rows and one copy
+            # to the host, no distributions
+            emitted, paths = _walk_greedy(drafts, parents, greedy_ids(logits).tolist())
             rows_of = [_scoring_rows(starts[i], len(e), paths[i]) for i, e in enumerate(emitted)]
             self._record_logprobs(seqs, emitted, rows_of, logits)
             return emitted, paths
@@ -521,7 +537,7 @@ class Engine:
         output position at that depth, the one plain sampling would use there.
         """
         if seq.params.greedy:
-            targets = probs.argmax(dim=-1).tolist()
+            targets = greedy_ids(probs).tolist()
         else:
             node_depth = [0, *tree_depths(parents)]
             n = max(node_depth) + 1
@@ -537,7 +553,7 @@ class Engine:
         params = [s.params for s in seqs]
         penalised, probs = processed_logits(logits, params, [s.output_ids for s in seqs], [s.prompt_ids for s in seqs])
         if probs is None:
-            tokens = penalised.argmax(dim=-1)
+            tokens = greedy_ids(penalised)
         else:
             tokens = sample(probs, [s.generator for s in seqs], uniforms=_seeded_uniforms(seqs, [1] * len(seqs), logits.device))
         chosen = tokens.tolist()

@@ -37,15 +37,16 @@ class ModelRunner:
         items: list[ForwardItem],
         layer_mask: list[bool] | None = None,
         all_hidden: bool = False,
-        argmax_only: bool = False,
+        greedy: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the target over all items; K/V land in the cache at each item's cache_start.
 
         Returns (logits `[R, vocab]` fp32, hidden `[R, hidden]`) for the requested rows,
         in item order; with `all_hidden`, hidden holds every token's row `[T, hidden]`
-        (a trained drafter reads the target's features). With `argmax_only` the logits
-        serve argmax alone (`DecoderModel.compute_logits`). The caller commits cache
-        lengths once it knows what was accepted.
+        (a trained drafter reads the target's features). With `greedy` the first value is
+        each requested row's argmax token `[R]` int64 instead of its logits
+        (`DecoderModel.greedy_tokens`: the native head computes them without writing
+        logits). The caller commits cache lengths once it knows what was accepted.
         """
         ids: list[int] = []
         positions: list[int] = []
@@ -72,7 +73,8 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, meta, self.cache, layer_mask)
+        head = self.model.greedy_tokens if greedy else self.model.compute_logits
         if len(rows) == len(ids):
-            return self.model.compute_logits(hidden, argmax_only), hidden
+            return head(hidden), hidden
         picked = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
-        return self.model.compute_logits(picked, argmax_only), hidden if all_hidden else picked
+        return head(picked), hidden if all_hidden else picked

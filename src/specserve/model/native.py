@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specserve.model.cpu_kernels import replace_linears
-from specserve.model.layers import AttentionMetadata, RMSNorm
+from specserve.model.layers import AttentionMetadata, RMSNorm, greedy_ids
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -161,6 +161,9 @@ def open_library(path: Path) -> ctypes.CDLL | None:
     lib.ss_linear_f32.restype = None
     lib.ss_rmsnorm.argtypes = [vp, vp, vp, ci, ci, f32]
     lib.ss_rmsnorm.restype = None
+    if hasattr(lib, "ss_linear_argmax"):  # the AMX library's greedy LM head
+        lib.ss_linear_argmax.argtypes = [vp, vp, vp, ci, ci, ci]
+        lib.ss_linear_argmax.restype = ci
     if hasattr(lib, "ss_screen"):  # the AVX2 library's screened greedy LM head
         lib.ss_screen.argtypes = [vp, vp, vp, vp, vp, vp, ci, ci, ci, vp, vp, vp, vp, ci, vp]
         lib.ss_screen.restype = ci
@@ -284,6 +287,19 @@ class NativeLMHead:
             self.lib.ss_linear_f32(self.packed.data_ptr(), None, x.data_ptr(), y.data_ptr(), x.shape[0], self.hidden,
                                    self.vocab)
         return y
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:  # [M, hidden] bf16 -> [M] int64
+        """Each row's argmax token of `self(hidden)` (the first of equal maxima, a NaN taken as
+        the maximum, as torch's argmax). On the AMX library one fused call keeps a running
+        maximum per row and writes no logits (`ss_linear_argmax`); elsewhere the argmax of
+        `argmax_logits`."""
+        x = hidden.contiguous()
+        if hasattr(self.lib, "ss_linear_argmax") and x.shape[0]:
+            ids = torch.empty(x.shape[0], dtype=torch.int64)
+            if self.lib.ss_linear_argmax(self.packed.data_ptr(), x.data_ptr(), ids.data_ptr(), x.shape[0], self.hidden,
+                                         self.vocab) == 0:
+                return ids
+        return greedy_ids(self.argmax_logits(x))
 
     def argmax_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [M, hidden] bf16 -> [M, vocab] fp32
         """Logits for argmax only: each row's maximum and every logit that could tie with it

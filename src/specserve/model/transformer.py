@@ -7,7 +7,7 @@ from torch import nn
 
 from specserve.cache.kv_cache import KVCache
 from specserve.config import ModelConfig
-from specserve.model.layers import AttentionMetadata, DecoderLayer, RMSNorm, RotaryTable
+from specserve.model.layers import AttentionMetadata, DecoderLayer, RMSNorm, RotaryTable, greedy_ids
 from specserve.model.native import NativeDecoder, NativeLMHead
 
 
@@ -81,12 +81,17 @@ class DecoderModel(nn.Module):
             total -= self.lm_head.packed.numel()  # a packed copy of the tied embedding
         return total
 
-    def compute_logits(self, hidden: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
-        """`[N, hidden]` -> `[N, vocab]` fp32. With `argmax_only`, a row's logits may be -inf
-        except at its maximum and whatever could tie with it (the native head's screen):
-        for greedy rows without penalties or logprobs."""
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[N, hidden]` -> `[N]` int64: each row's argmax of `compute_logits(hidden)` (the
+        first of equal maxima), on the native head's fused kernel where it has one."""
         if self.native_head is not None and hidden.dtype == torch.bfloat16 and hidden.dim() == 2:
-            return self.native_head.argmax_logits(hidden) if argmax_only else self.native_head(hidden)
+            return self.native_head.greedy(hidden)
+        return greedy_ids(self.compute_logits(hidden))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[N, hidden]` -> `[N, vocab]` fp32."""
+        if self.native_head is not None and hidden.dtype == torch.bfloat16 and hidden.dim() == 2:
+            return self.native_head(hidden)
         logits = self.lm_head(hidden).float()
         cap = self.config.final_logit_softcapping
         if cap:

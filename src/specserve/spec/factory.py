@@ -79,14 +79,15 @@ def make_drafter(
 
 
 @torch.inference_mode()
-def timed_forwards(runner: ModelRunner, items: list[ForwardItem], reps: int) -> list[float]:
+def timed_forwards(runner: ModelRunner, items: list[ForwardItem], reps: int, greedy: bool = False) -> list[float]:
     """Seconds of `reps` forwards of `items` after one untimed (nothing is committed, so
-    every forward writes the same cache entries)."""
+    every forward writes the same cache entries); with `greedy`, the rows' greedy tokens
+    in place of their logits (`ModelRunner.forward`)."""
     device = runner.device
     times = []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
-        runner.forward(items)
+        runner.forward(items, greedy=greedy)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
@@ -98,7 +99,9 @@ def measure_forward_cost(
     runner: ModelRunner, max_seqs: int, max_tokens: int, context: int = 128, reps: int = 2, far_context: int = 1024
 ) -> ForwardCost:
     """Target forward time by batch shape (best of `reps` after a warm-up), for up to
-    `max_seqs` sequences of up to `max_tokens` tokens each, every row's logits kept.
+    `max_seqs` sequences of up to `max_tokens` tokens each, every row's greedy token
+    computed as greedy verification takes them (a sampled step's logits cost a little more
+    per row; the policy's measured scale takes the difference in).
 
     Measured on a scratch cache whose sequences hold `context` zeroed tokens each, at
     sequence counts 1, 2, 4, ... and token counts 1, 2, 3, 5, 9, ... (1 + a power of 2).
@@ -127,7 +130,8 @@ def measure_forward_cost(
 
     def best(batch: tuple[ModelRunner, list[int]], s: int, n: int, start: int) -> float:
         probe, slots = batch
-        return min(timed_forwards(probe, [ForwardItem(slot, start, [1] * n, logits_from=0) for slot in slots[:s]], reps))
+        items = [ForwardItem(slot, start, [1] * n, logits_from=0) for slot in slots[:s]]
+        return min(timed_forwards(probe, items, reps, greedy=True))
 
     near = scratch_batch(seqs[-1], context)
     table = [tuple(best(near, s, n, context) for n in tokens) for s in seqs]

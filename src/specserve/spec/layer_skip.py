@@ -85,7 +85,7 @@ def calibrate_skip_set(runner: ModelRunner, ids: list[int], k: int = 4) -> list[
     positions = torch.arange(len(ids), device=device)
 
     def run(mask: list[bool] | None) -> torch.Tensor:
-        return model.compute_logits(model(input_ids, positions, meta, cache, mask)).argmax(-1)  # [T]
+        return model.greedy_tokens(model(input_ids, positions, meta, cache, mask))  # [T]
 
     # importance: relative change of the residual stream made by each layer
     x = model.embed_tokens(input_ids)

@@ -18,15 +18,34 @@
 // AMX B tile per 16 outputs x 32 inputs. Built at first use by specserve.model.native.
 
 #include <immintrin.h>
+#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <new>
 #include <vector>
 
 typedef uint16_t bf16;
+
+// 64-byte aligned scratch, for aligned vector loads and stores
+template <typename T>
+struct LineAligned {
+  typedef T value_type;
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const LineAligned<U>&) const { return false; }
+};
+template <typename T>
+using Buffer = std::vector<T, LineAligned<T>>;
 
 #if defined(__GNUC__) && !defined(__clang__)
 #define NO_IPA __attribute__((noipa))  // no interprocedural specialization
@@ -79,11 +98,12 @@ static inline void store_rows(const float* c, const float* bias, float* y, int r
   for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + (size_t)r * N, round16(_mm512_add_ps(_mm512_load_ps(c + r * 16), bv)));
 }
 
-// y[M, N] = x[M, K] @ W.T (+ bias), N % 32 == 0, K % 32 == 0, inside a parallel region;
-// y is bf16, or fp32 holding the bf16-rounded values. Each output is the same sequence
-// of tile multiply-adds over K whatever M is.
-template <typename Out>
-static void linear_omp(const bf16* wp, const float* bias, const bf16* x, Out* y, int M, int K, int N) {
+// x[M, K] @ W.T in tiles of 32 outputs x up to 32 rows, N % 32 == 0, K % 32 == 0, inside
+// a parallel region: store(c, m0, n0, rows) takes each 16 x 16 fp32 tile c of outputs
+// n0..n0+15 of rows m0..m0+rows-1 (row stride 16). Each output is the same sequence of
+// tile multiply-adds over K whatever M is.
+template <typename Store>
+static void linear_tiles(const bf16* wp, const bf16* x, int M, int K, int N, Store&& store) {
   const int pairs = N / 32;
   alignas(64) float cbuf[4][256];
   int cur_a = -1, cur_b = -1;
@@ -124,18 +144,26 @@ static void linear_omp(const bf16* wp, const float* bias, const bf16* x, Out* y,
       _tile_stored(0, cbuf[0], 64);
       _tile_stored(1, cbuf[1], 64);
       const int n0 = 32 * g;
-      Out* y0 = y + (size_t)m0 * N + n0;
-      store_rows(cbuf[0], bias ? bias + n0 : nullptr, y0, ra, N);
-      store_rows(cbuf[1], bias ? bias + n0 + 16 : nullptr, y0 + 16, ra, N);
+      store(cbuf[0], m0, n0, ra);
+      store(cbuf[1], m0, n0 + 16, ra);
       if (rb) {
         _tile_stored(2, cbuf[2], 64);
         _tile_stored(3, cbuf[3], 64);
-        store_rows(cbuf[2], bias ? bias + n0 : nullptr, y0 + (size_t)16 * N, rb, N);
-        store_rows(cbuf[3], bias ? bias + n0 + 16 : nullptr, y0 + (size_t)16 * N + 16, rb, N);
+        store(cbuf[2], m0 + 16, n0, rb);
+        store(cbuf[3], m0 + 16, n0 + 16, rb);
       }
     }
   }
   if (used) _tile_release();  // other AMX users (oneDNN) configure their own tiles
+}
+
+// y[M, N] = x[M, K] @ W.T (+ bias) inside a parallel region; y is bf16, or fp32 holding
+// the bf16-rounded values.
+template <typename Out>
+static void linear_omp(const bf16* wp, const float* bias, const bf16* x, Out* y, int M, int K, int N) {
+  linear_tiles(wp, x, M, K, N, [&](const float* c, int m0, int n0, int rows) {
+    store_rows(c, bias ? bias + n0 : nullptr, y + (size_t)m0 * N + n0, rows, N);
+  });
 }
 
 // The kernel may use AMX only after the process asked Linux for the tile state.
@@ -152,6 +180,71 @@ extern "C" void ss_linear(const bf16* wp, const float* bias, const bf16* x, bf16
 extern "C" void ss_linear_f32(const bf16* wp, const float* bias, const bf16* x, float* y, int M, int K, int N) {
 #pragma omp parallel
   linear_omp(wp, bias, x, y, M, K, N);
+}
+
+// The greedy token of each row: idx[m] = argmax over n of the logits ss_linear_f32 would
+// write (bf16-rounded x[m] @ W.T), the first index among equal maxima, as torch's argmax,
+// without writing the [M, N] logits or reading them back. Each thread keeps, per row, the
+// best value and index of each of 16 lanes (lane j sees outputs n0 + j in increasing n0,
+// so a strict > keeps the first of equal values); lanes and threads are then merged by
+// value, ties to the lower index, which no order of merging changes. Returns 1 (idx
+// untouched) when a logit is NaN: torch's argmax takes a NaN as the maximum, and the
+// caller asks the full logits.
+extern "C" int ss_linear_argmax(const bf16* wp, const bf16* x, int64_t* idx, int M, int K, int N) {
+  const int nt = omp_get_max_threads();
+  std::vector<float> best((size_t)nt * M, -INFINITY);
+  std::vector<int64_t> where((size_t)nt * M, INT64_MAX);
+  int nan = 0;
+#pragma omp parallel reduction(| : nan)
+  {
+    const int t = omp_get_thread_num();
+    Buffer<float> lane_best((size_t)M * 16, -INFINITY);
+    Buffer<int32_t> lane_idx((size_t)M * 16, -1);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __mmask16 unordered = 0;
+    linear_tiles(wp, x, M, K, N, [&](const float* c, int m0, int n0, int rows) {
+      const __m512i cols = _mm512_add_epi32(iota, _mm512_set1_epi32(n0));
+      for (int r = 0; r < rows; r++) {
+        const __m512 v = round16(_mm512_load_ps(c + r * 16));
+        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        float* bv = lane_best.data() + (size_t)(m0 + r) * 16;
+        int32_t* bi = lane_idx.data() + (size_t)(m0 + r) * 16;
+        const __m512 old = _mm512_load_ps(bv);
+        // strictly greater, or the lane's first value (a row of -inf still has an argmax)
+        const __mmask16 take = _mm512_cmp_ps_mask(v, old, _CMP_GT_OQ) |
+                               _mm512_cmpeq_epi32_mask(_mm512_load_si512(bi), _mm512_set1_epi32(-1));
+        _mm512_store_ps(bv, _mm512_mask_mov_ps(old, take, v));
+        _mm512_store_si512(bi, _mm512_mask_mov_epi32(_mm512_load_si512(bi), take, cols));
+      }
+    });
+    nan |= unordered != 0;
+    for (int m = 0; m < M; m++)
+      for (int j = 0; j < 16; j++) {
+        const float v = lane_best[(size_t)m * 16 + j];
+        const int32_t i = lane_idx[(size_t)m * 16 + j];
+        float& b = best[(size_t)t * M + m];
+        int64_t& w = where[(size_t)t * M + m];
+        if (i >= 0 && (v > b || (v == b && i < w) || w == INT64_MAX)) {
+          b = v;
+          w = i;
+        }
+      }
+  }
+  if (nan) return 1;
+  for (int m = 0; m < M; m++) {
+    float b = -INFINITY;
+    int64_t w = INT64_MAX;
+    for (int t = 0; t < nt; t++) {
+      const float v = best[(size_t)t * M + m];
+      const int64_t i = where[(size_t)t * M + m];
+      if (i != INT64_MAX && (v > b || (v == b && i < w) || w == INT64_MAX)) {
+        b = v;
+        w = i;
+      }
+    }
+    idx[m] = w;
+  }
+  return 0;
 }
 
 // ---------------------------------------------------------------- elementwise
