@@ -3,6 +3,7 @@
     .venv/bin/python scripts/step_profile.py --concurrency 32
     .venv/bin/python scripts/step_profile.py --concurrency 4 --methods off,ngram+load-aware
     .venv/bin/python scripts/step_profile.py --concurrency 4 --logits-head   # A/B of the greedy head
+    .venv/bin/python scripts/step_profile.py --concurrency 32 --unpriced-catch-up  # A/B of the policy
 
 Loads the default model once and runs `specserve bench throughput`'s workload (Spec-Bench
 first turns, chat template, greedy, categories interleaved, `concurrency` requests kept in
@@ -12,7 +13,9 @@ catch-up apart), the target forward, verification, the features handed to the dr
 and the rest of the step. Prints tokens/s, acceptance length, draft tokens per step and
 milliseconds per step in each part, summed over the repetitions. With `--logits-head` each
 method also runs with greedy tokens taken as before 2026-12-02 (the head's full fp32 logits,
-then torch's argmax) in place of the fused greedy head, alternated in the same repetitions.
+then torch's argmax) in place of the fused greedy head, alternated in the same repetitions;
+with `--unpriced-catch-up`, also with the policy blind to a drafter's catch-up backlog (as
+before 2026-12-02: the drafter's `pending_rows` hidden from the engine).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from specserve.bench.throughput import LOAD_AWARE, interleave_categories, run_le
 from specserve.bench.common import build_prompts, select_questions
 
 LOGITS = " (logits + argmax)"
+UNPRICED = " (catch-up unpriced)"
 FUSED = NativeLMHead.greedy
 
 
@@ -87,6 +91,7 @@ def main() -> None:
     ap.add_argument("--methods", default="off,ngram+load-aware,ngram+eagle+load-aware")
     ap.add_argument("--repetitions", type=int, default=2)
     ap.add_argument("--logits-head", action="store_true", help="also each method with logits + argmax for greedy rows")
+    ap.add_argument("--unpriced-catch-up", action="store_true", help="also each method with the catch-up unpriced")
     args = ap.parse_args()
     c = args.concurrency
     llm = LLM(max_num_seqs=c, max_model_len=2048)
@@ -97,14 +102,18 @@ def main() -> None:
     methods = args.methods.split(",")
     if args.logits_head:
         methods = [m + suffix for m in methods for suffix in ("", LOGITS)]
+    if args.unpriced_catch_up:
+        methods = [m + suffix for m in methods for suffix in ("", UNPRICED)]
     times = {m: defaultdict(float) for m in methods}
     counts = {m: defaultdict(int) for m in methods}
     for rep in range(args.repetitions):
         for method in methods:
-            base = method.removesuffix(LOGITS)
+            base = method.removesuffix(UNPRICED).removesuffix(LOGITS)
             spec = None if base == "off" else base.removesuffix(LOAD_AWARE)
             llm.set_spec(spec, adaptive=base.endswith(LOAD_AWARE))
-            NativeLMHead.greedy = logits_greedy if method.endswith(LOGITS) else FUSED
+            NativeLMHead.greedy = logits_greedy if LOGITS in method else FUSED
+            if method.endswith(UNPRICED) and llm.engine.drafter is not None:
+                llm.engine.drafter.pending_rows = None  # the engine reads no backlog
             llm.reset_prefix_cache()
             engine = llm.engine
             saved = {attr: getattr(engine, attr) for attr in ("step", "_verify", "_feed_hidden")}

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from specserve.spec.policy import AdaptiveSpecPolicy, DraftTime, ForwardCost, StepOverhead, _solve
+from specserve.spec.policy import AdaptiveSpecPolicy, CatchUpTime, DraftTime, ForwardCost, StepOverhead, _solve
 
 
 def linear_cost(seqs=(1, 2, 4, 8, 16), tokens=(1, 2, 3, 5, 9), base=0.02, per_seq=0.002, per_row=0.0):
@@ -85,6 +85,31 @@ def test_a_drafters_catch_up_is_not_a_cost_per_draft():
     assert policy.draft_cost == pytest.approx(0.001)
     policy.observe_step(1, 3, 0.052 + cost(1, 3), forward_seconds=cost(1, 3), drafted=2, decoding=1)
     assert policy.overhead(1, 2) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_drafters_backlog_is_priced_per_sequence():
+    """Catch-up calls fit as a fixed part per call plus a part per row. A sequence whose
+    backlog would cost more than its drafts can gain is left undrafted, one without a
+    backlog is drafted, and a drafter that keeps none (pending None) is planned as before."""
+    fit = CatchUpTime()
+    for rows in (2, 3, 40, 2, 120, 8) * 3:
+        fit.observe(rows, 0.0005 + 0.00002 * rows)
+    assert fit.coef[0] == pytest.approx(0.0005, rel=0.05) and fit.coef[1] == pytest.approx(0.00002, rel=0.05)
+
+    def policy_with_history() -> AdaptiveSpecPolicy:
+        policy = AdaptiveSpecPolicy(4, linear_cost(per_row=0.001))
+        for _ in range(6):
+            policy.update("a", 4, 2)
+            policy.update("b", 4, 2)
+            policy.observe_draft_time(0.0035, 4, catch_up=0.0005 + 0.00002 * 50, catch_up_rows=50)
+            policy.observe_draft_time(0.0031, 4, catch_up=0.0005 + 0.00002 * 2, catch_up_rows=2)
+        return policy
+
+    free = policy_with_history().budgets(["a", "b"], 2)
+    assert free[0] > 0 and free[1] > 0  # no backlog known: both drafted
+    priced = policy_with_history().budgets(["a", "b"], 2, pending=[0, 2000])  # 2,000 rows: 40 ms
+    assert priced[0] > 0 and priced[1] == 0
+    assert policy_with_history().budgets(["a", "b"], 2, pending=[1, 2]) == free  # a step's worth: the same plan
 
 
 def test_prefill_chunks_in_a_step_do_not_make_drafts_look_free():

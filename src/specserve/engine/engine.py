@@ -423,7 +423,13 @@ class Engine:
         prefill = sum(s.num_tokens - s.num_cached for s in self.running if s.status is Status.PREFILL)
         other = len(decoding) + min(prefill, self.max_num_batched_tokens)
         context = sum(s.num_cached for s in decoding) / len(decoding)
-        plan = self.policy.budgets([s.request_id for s in decoding], other, context)
+        # a drafter's catch-up backlog per request, past the prompt: the prompt's is paid once
+        # by the first draft and buys every later one, which a one-step plan cannot weigh
+        pending = getattr(self.drafter, "pending_rows", None)
+        plan = self.policy.budgets(
+            [s.request_id for s in decoding], other, context,
+            None if pending is None else [pending(s.request_id, len(s.prompt_ids)) for s in decoding],
+        )
         token_room = self.max_num_batched_tokens - len(decoding)
         budgets = []
         for seq, k in zip(decoding, plan):
@@ -445,7 +451,8 @@ class Engine:
         proposal = self.drafter.propose([self._view(s) for s in decoding], budgets)
         draft_time = time.perf_counter() - t0
         self.policy.observe_draft_time(
-            draft_time, sum(len(t) for t in proposal.token_ids), catch_up=proposal.catch_up_seconds
+            draft_time, sum(len(t) for t in proposal.token_ids), catch_up=proposal.catch_up_seconds,
+            catch_up_rows=proposal.catch_up_rows,
         )
         for seq in decoding:
             seq.metrics.draft_time += draft_time

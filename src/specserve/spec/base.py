@@ -53,7 +53,9 @@ class DraftProposal:
     to date with tokens accepted since it last drafted (an EAGLE head's cache over the
     prompt and the accepted tokens' features), not on drafting: it grows with the tokens
     since the last call, not with the drafts asked for, so the load-aware policy does not
-    count it in the cost of a draft token.
+    count it in the cost of a draft token. `catch_up_rows` is how many rows that took: the
+    policy learns the time per row and charges a sequence's backlog (`pending_rows` of a
+    drafter that keeps one) to the first draft it plans for it in a step.
     """
 
     token_ids: list[list[int]]
@@ -61,6 +63,7 @@ class DraftProposal:
     parents: list[list[int] | None] = field(default_factory=list)
     confidence: list[list[float] | None] = field(default_factory=list)
     catch_up_seconds: float = 0.0
+    catch_up_rows: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)

@@ -178,6 +178,14 @@ class EagleDrafter:
         st.length = min(st.length, start)
         st.pending, st.pending_start, st.pending_end = [rows.clone()], start, start + rows.shape[0]
 
+    def pending_rows(self, request_id: str, since: int = 0) -> int:
+        """Features of positions `since` on handed over but not yet in the head's cache:
+        rows the next call that drafts for this request runs first (its catch-up)."""
+        st = self._state.get(request_id)
+        if st is None or not st.pending:
+            return 0
+        return max(0, st.pending_end - max(st.pending_start, since))
+
     def observe(self, seqs: Seq[SequenceView], num_accepted: Seq[int]) -> None:
         pass  # the accepted tokens' features arrive through take_hidden
 
@@ -204,12 +212,13 @@ class EagleDrafter:
         if not active:
             return DraftProposal(tokens, parents=parents)
         t0 = time.perf_counter()
+        rows = sum(self._state[seqs[i].request_id].num_pending for i in active)
         roots = self._catch_up([seqs[i] for i in active])
         catch_up = time.perf_counter() - t0
         trees = self._grow([seqs[i] for i in active], roots, [budgets[i] for i in active])
         for i, (tree_tokens, tree_parents, tree_conf) in zip(active, trees):
             tokens[i], parents[i], confidence[i] = tree_tokens, tree_parents, tree_conf
-        return DraftProposal(tokens, parents=parents, confidence=confidence, catch_up_seconds=catch_up)
+        return DraftProposal(tokens, parents=parents, confidence=confidence, catch_up_seconds=catch_up, catch_up_rows=rows)
 
     def _region(self, view: SequenceView) -> int:
         return view.slot * self.max_len

@@ -53,6 +53,13 @@ class HybridDrafter:
     def take_hidden(self, request_id: str, start: int, rows: torch.Tensor) -> None:
         self.model.take_hidden(request_id, start, rows)
 
+    def pending_rows(self, request_id: str, since: int = 0) -> int:
+        """The model drafter's backlog for this request (0 where it keeps none). A step
+        that copies for it does not pay it, but which sequences copy is known only when
+        they are drafted: the policy charges it to every first draft."""
+        pending = getattr(self.model, "pending_rows", None)
+        return pending(request_id, since) if pending is not None else 0
+
     def propose(self, seqs: Seq[SequenceView], budgets: Seq[int]) -> DraftProposal:
         check_budgets(seqs, budgets)
         n = len(seqs)
@@ -61,7 +68,7 @@ class HybridDrafter:
         parents: list[list[int] | None] = [None] * n
         confidence: list[list[float] | None] = [None] * n
         model_budgets = [0] * n
-        catch_up = 0.0
+        catch_up, catch_up_rows = 0.0, 0
         for i, (view, budget) in enumerate(zip(seqs, budgets)):
             if budget == 0:
                 continue
@@ -74,13 +81,13 @@ class HybridDrafter:
                 self.model_steps += 1
         if any(model_budgets):
             drafted = self.model.propose(seqs, model_budgets)
-            catch_up = drafted.catch_up_seconds
+            catch_up, catch_up_rows = drafted.catch_up_seconds, drafted.catch_up_rows
             for i, budget in enumerate(model_budgets):
                 if not budget:
                     continue
                 tokens[i], probs[i], parents[i] = drafted.token_ids[i], drafted.probs[i], drafted.parents[i]
                 confidence[i] = drafted.confidence[i]
-        return DraftProposal(tokens, probs, parents, confidence, catch_up)
+        return DraftProposal(tokens, probs, parents, confidence, catch_up, catch_up_rows)
 
     def observe(self, seqs: Seq[SequenceView], num_accepted: Seq[int]) -> None:
         self.retrieval.observe(seqs, num_accepted)
