@@ -89,8 +89,10 @@ def test_a_drafters_catch_up_is_not_a_cost_per_draft():
 
 def test_a_drafters_backlog_is_priced_per_sequence():
     """Catch-up calls fit as a fixed part per call plus a part per row. A sequence whose
-    backlog would cost more than its drafts can gain is left undrafted, one without a
-    backlog is drafted, and a drafter that keeps none (pending None) is planned as before."""
+    backlog would cost more than its drafts can gain is left undrafted whatever its place in
+    the batch, the others are drafted as they would be alone, a drafter that keeps no backlog
+    (pending None) is planned as before, and the charge stops growing at what probing on
+    schedule leaves (probe_every steps of 1 + max_k rows)."""
     fit = CatchUpTime()
     for rows in (2, 3, 40, 2, 120, 8) * 3:
         fit.observe(rows, 0.0005 + 0.00002 * rows)
@@ -99,17 +101,26 @@ def test_a_drafters_backlog_is_priced_per_sequence():
     def policy_with_history() -> AdaptiveSpecPolicy:
         policy = AdaptiveSpecPolicy(4, linear_cost(per_row=0.001))
         for _ in range(6):
-            policy.update("a", 4, 2)
-            policy.update("b", 4, 2)
-            policy.observe_draft_time(0.0035, 4, catch_up=0.0005 + 0.00002 * 50, catch_up_rows=50)
-            policy.observe_draft_time(0.0031, 4, catch_up=0.0005 + 0.00002 * 2, catch_up_rows=2)
+            for rid in "abc":
+                policy.update(rid, 4, 2)
+            policy.observe_draft_time(0.0035 + 0.050, 4, catch_up=0.0005 + 0.001 * 50, catch_up_rows=50)
+            policy.observe_draft_time(0.0031 + 0.002, 4, catch_up=0.0005 + 0.001 * 2, catch_up_rows=2)
         return policy
 
-    free = policy_with_history().budgets(["a", "b"], 2)
-    assert free[0] > 0 and free[1] > 0  # no backlog known: both drafted
-    priced = policy_with_history().budgets(["a", "b"], 2, pending=[0, 2000])  # 2,000 rows: 40 ms
-    assert priced[0] > 0 and priced[1] == 0
-    assert policy_with_history().budgets(["a", "b"], 2, pending=[1, 2]) == free  # a step's worth: the same plan
+    policy = policy_with_history()
+    assert policy.catch_up.coef[1] == pytest.approx(0.001, rel=0.05)  # 1 ms a row
+    free = policy.budgets(["a", "b", "c"], 3)
+    assert all(k > 0 for k in free)  # no backlog known: all drafted
+    alone = policy_with_history().budgets(["a", "c"], 2, pending=[0, 0])
+    for order in ([0, 1, 2], [1, 0, 2], [2, 1, 0]):
+        ids = [["a", "b", "c"][i] for i in order]
+        pending = [40 if rid == "b" else 0 for rid in ids]  # b: 40 ms of catch-up
+        plan = dict(zip(ids, policy_with_history().budgets(ids, 3, pending=pending)))
+        assert plan["b"] == 0 and [plan["a"], plan["c"]] == alone, order
+    capped = policy.probe_every * (1 + policy.max_k)
+    assert policy_with_history().budgets(["a", "b"], 2, pending=[0, 5000]) == policy_with_history().budgets(
+        ["a", "b"], 2, pending=[0, capped]
+    )
 
 
 def test_prefill_chunks_in_a_step_do_not_make_drafts_look_free():

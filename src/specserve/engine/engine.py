@@ -462,6 +462,8 @@ class Engine:
             [q[:b] if q is not None else None for q, b in zip(proposal.probs, budgets)],
             [p[:b] if p is not None else None for p, b in zip(proposal.parents, budgets)],
             proposal.confidence,
+            proposal.catch_up_seconds,
+            proposal.catch_up_rows,
         )
 
     def _verify(

@@ -39,8 +39,10 @@ any verification does (older evidence decays), so text that becomes predictable 
 A drafter that keeps a backlog (an EAGLE head catches up on the features of the tokens
 accepted since it last drafted for a sequence) has it priced: its catch-up calls are fitted
 as a fixed part, added to a step's first draft, plus a part per row, times each sequence's
-pending rows past its prompt, added with that sequence's first draft. At c=32 the hybrid's
-catch-ups came to 2.1 ms of a 40 ms step while the plan saw none of it.
+pending rows past its prompt (at most `probe_every` steps of `1 + max_k` rows), added with
+that sequence's first draft; drafts are then taken in order of gain per second, so one dear
+backlog does not bar the others. At c=32 the hybrid's catch-ups came to 2.1 ms of a 40 ms
+step while the plan saw none of it.
 A sequence is probed only where the plan would draft for it were its acceptance
 `probe_acceptance` (0.9): where a drafted row costs a fifth of the batch's step (a 4-sequence
 batch on 2 AVX2 cores), no outcome of the probe could make drafting pay, and each probe is a loss.
@@ -373,7 +375,15 @@ class AdaptiveSpecPolicy(SpecPolicy):
             if conf is not None:  # both non-increasing in j: so is their maximum
                 chain = np.maximum(chain, np.minimum(calib * conf[: self.max_k], 0.999))
             gains.extend((float(g), i) for g in chain)
-        gains.sort(key=lambda g: -g[0])
+        if entry is not None and any(entry):
+            # drafts in order of gain per second: a sequence's backlog divides all its gains
+            # (keeping its drafts in chain order), so one dear backlog goes last instead of
+            # barring the drafts after it from every prefix the plan tries
+            row = self.scale * (self.verify_cost(S, base_tokens + 1, self._context) - self.verify_cost(S, base_tokens, self._context))
+            row = max(row + self.draft_cost + float(self.overhead.coef[2]), 1e-6)
+            gains.sort(key=lambda g: -g[0] / (row + entry[g[1]]))
+        else:
+            gains.sort(key=lambda g: -g[0])
         # expected tokens and step time with the best 0, 1, 2, ... drafts (one vectorised cost call)
         counts = np.arange(len(gains) + 1)
         expected = S + np.concatenate(([0.0], np.cumsum([g for g, _ in gains])))
@@ -420,7 +430,11 @@ class AdaptiveSpecPolicy(SpecPolicy):
         acceptances = [self.acceptance(r) for r in request_ids]
         base = max(other_tokens, len(request_ids))
         per_row = float(self.catch_up.coef[1])
-        entry = None if pending is None else [per_row * n for n in pending]
+        # a backlog is charged up to what probing on schedule leaves (probe_every steps of
+        # 1 + max_k rows): past that the charge would only grow, and a sequence left idle at
+        # high load could never be probed again; the probe that drafts pays the rest once
+        cap = self.probe_every * (1 + self.max_k)
+        entry = None if pending is None else [per_row * min(n, cap) for n in pending]
         ks = self.plan(acceptances, base, confidences, entry)
         # probe: has the text become predictable? Sequences idle for `probe_every` steps or
         # more are probed together, on every `probe_every`-th step: a drafter that runs a

@@ -194,12 +194,14 @@ extern "C" int ss_linear_argmax(const bf16* wp, const bf16* x, int64_t* idx, int
   const int nt = omp_get_max_threads();
   std::vector<float> best((size_t)nt * M, -INFINITY);
   std::vector<int64_t> where((size_t)nt * M, INT64_MAX);
-  int nan = 0;
-#pragma omp parallel reduction(| : nan)
+  Buffer<float> lanes_best((size_t)nt * M * 16, -INFINITY);  // per thread, row and lane
+  Buffer<int32_t> lanes_idx((size_t)nt * M * 16, -1);
+  int has_nan = 0;
+#pragma omp parallel reduction(| : has_nan)
   {
     const int t = omp_get_thread_num();
-    Buffer<float> lane_best((size_t)M * 16, -INFINITY);
-    Buffer<int32_t> lane_idx((size_t)M * 16, -1);
+    float* lane_best = lanes_best.data() + (size_t)t * M * 16;
+    int32_t* lane_idx = lanes_idx.data() + (size_t)t * M * 16;
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __mmask16 unordered = 0;
     linear_tiles(wp, x, M, K, N, [&](const float* c, int m0, int n0, int rows) {
@@ -207,8 +209,8 @@ extern "C" int ss_linear_argmax(const bf16* wp, const bf16* x, int64_t* idx, int
       for (int r = 0; r < rows; r++) {
         const __m512 v = round16(_mm512_load_ps(c + r * 16));
         unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        float* bv = lane_best.data() + (size_t)(m0 + r) * 16;
-        int32_t* bi = lane_idx.data() + (size_t)(m0 + r) * 16;
+        float* bv = lane_best + (size_t)(m0 + r) * 16;
+        int32_t* bi = lane_idx + (size_t)(m0 + r) * 16;
         const __m512 old = _mm512_load_ps(bv);
         // strictly greater, or the lane's first value (a row of -inf still has an argmax)
         const __mmask16 take = _mm512_cmp_ps_mask(v, old, _CMP_GT_OQ) |
@@ -217,7 +219,7 @@ extern "C" int ss_linear_argmax(const bf16* wp, const bf16* x, int64_t* idx, int
         _mm512_store_si512(bi, _mm512_mask_mov_epi32(_mm512_load_si512(bi), take, cols));
       }
     });
-    nan |= unordered != 0;
+    has_nan |= unordered != 0;
     for (int m = 0; m < M; m++)
       for (int j = 0; j < 16; j++) {
         const float v = lane_best[(size_t)m * 16 + j];
@@ -230,7 +232,7 @@ extern "C" int ss_linear_argmax(const bf16* wp, const bf16* x, int64_t* idx, int
         }
       }
   }
-  if (nan) return 1;
+  if (has_nan) return 1;
   for (int m = 0; m < M; m++) {
     float b = -INFINITY;
     int64_t w = INT64_MAX;
