@@ -12,8 +12,10 @@ are wrapped with timers: the policy's plan, the drafter's proposal (an EAGLE hea
 catch-up apart), the target forward, verification, the features handed to the drafter,
 and the rest of the step. Prints tokens/s, acceptance length, draft tokens per step and
 milliseconds per step in each part, summed over the repetitions. With `--logits-head` each
-method also runs with greedy tokens taken as before 2026-12-02 (the head's full fp32 logits,
-then torch's argmax) in place of the fused greedy head, alternated in the same repetitions;
+method also runs with greedy tokens taken as before 2026-12-02 (the head's fp32 logits, or on
+the AVX2 library its screened logits, then torch's argmax) in place of the fused greedy head,
+alternated in the same repetitions (the policy's forward cost table, measured once, is the
+fused head's for both);
 with `--unpriced-catch-up`, also with the policy blind to a drafter's catch-up backlog (as
 before 2026-12-02: the drafter's `pending_rows` hidden from the engine).
 """

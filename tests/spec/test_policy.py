@@ -91,8 +91,9 @@ def test_a_drafters_backlog_is_priced_per_sequence():
     """Catch-up calls fit as a fixed part per call plus a part per row. A sequence whose
     backlog would cost more than its drafts can gain is left undrafted whatever its place in
     the batch, the others are drafted as they would be alone, a drafter that keeps no backlog
-    (pending None) is planned as before, and the charge stops growing at what probing on
-    schedule leaves (probe_every steps of 1 + max_k rows)."""
+    (pending None), or sequences whose drafts would not run its model (a hybrid's copies, None
+    each), are planned as before, and the charge stops growing at what probing on schedule
+    leaves (probe_every steps of 1 + max_k rows)."""
     fit = CatchUpTime()
     for rows in (2, 3, 40, 2, 120, 8) * 3:
         fit.observe(rows, 0.0005 + 0.00002 * rows)
@@ -111,6 +112,7 @@ def test_a_drafters_backlog_is_priced_per_sequence():
     assert policy.catch_up.coef[1] == pytest.approx(0.001, rel=0.05)  # 1 ms a row
     free = policy.budgets(["a", "b", "c"], 3)
     assert all(k > 0 for k in free)  # no backlog known: all drafted
+    assert policy_with_history().budgets(["a", "b", "c"], 3, pending=[None] * 3) == free  # copies: no catch-up
     alone = policy_with_history().budgets(["a", "c"], 2, pending=[0, 0])
     for order in ([0, 1, 2], [1, 0, 2], [2, 1, 0]):
         ids = [["a", "b", "c"][i] for i in order]

@@ -423,12 +423,10 @@ class Engine:
         prefill = sum(s.num_tokens - s.num_cached for s in self.running if s.status is Status.PREFILL)
         other = len(decoding) + min(prefill, self.max_num_batched_tokens)
         context = sum(s.num_cached for s in decoding) / len(decoding)
-        # a drafter's catch-up backlog per request, past the prompt: the prompt's is paid once
-        # by the first draft and buys every later one, which a one-step plan cannot weigh
-        pending = getattr(self.drafter, "pending_rows", None)
+        pending = getattr(self.drafter, "pending_rows", None)  # a drafter's catch-up backlog per sequence
         plan = self.policy.budgets(
             [s.request_id for s in decoding], other, context,
-            None if pending is None else [pending(s.request_id, len(s.prompt_ids)) for s in decoding],
+            None if pending is None else [pending(self._view(s)) for s in decoding],
         )
         token_room = self.max_num_batched_tokens - len(decoding)
         budgets = []

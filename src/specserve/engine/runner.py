@@ -1,4 +1,5 @@
-"""Builds one flattened, ragged forward over the batch and returns the logits asked for."""
+"""Builds one flattened, ragged forward over the batch and returns the logits (or the
+greedy tokens) of the rows asked for."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class ForwardItem:
     token_ids: list[int]
     positions: list[int] | None = None  # None = cache_start, cache_start+1, ... (a chain)
     tree_mask: torch.Tensor | None = None  # [n, n] bool, for token trees
-    logits_from: int = -1  # logits for tokens[logits_from:]; -1 = last only; None = no logits
+    logits_from: int = -1  # logits (or greedy tokens) for tokens[logits_from:]; -1 = last only; None = none
 
 
 class ModelRunner:

@@ -178,13 +178,14 @@ class EagleDrafter:
         st.length = min(st.length, start)
         st.pending, st.pending_start, st.pending_end = [rows.clone()], start, start + rows.shape[0]
 
-    def pending_rows(self, request_id: str, since: int = 0) -> int:
-        """Features of positions `since` on handed over but not yet in the head's cache:
-        rows the next call that drafts for this request runs first (its catch-up)."""
-        st = self._state.get(request_id)
+    def pending_rows(self, view: SequenceView) -> int:
+        """Features past the prompt handed over but not yet in the head's cache: rows the
+        next call that drafts for this sequence runs first (its catch-up). The prompt's are
+        left out: the first draft pays them once and every later one uses them."""
+        st = self._state.get(view.request_id)
         if st is None or not st.pending:
             return 0
-        return max(0, st.pending_end - max(st.pending_start, since))
+        return max(0, st.pending_end - max(st.pending_start, view.num_prompt_tokens))
 
     def observe(self, seqs: Seq[SequenceView], num_accepted: Seq[int]) -> None:
         pass  # the accepted tokens' features arrive through take_hidden

@@ -53,12 +53,14 @@ class HybridDrafter:
     def take_hidden(self, request_id: str, start: int, rows: torch.Tensor) -> None:
         self.model.take_hidden(request_id, start, rows)
 
-    def pending_rows(self, request_id: str, since: int = 0) -> int:
-        """The model drafter's backlog for this request (0 where it keeps none). A step
-        that copies for it does not pay it, but which sequences copy is known only when
-        they are drafted: the policy charges it to every first draft."""
+    def pending_rows(self, view: SequenceView) -> int | None:
+        """The model drafter's backlog for this sequence, or None where this step would copy
+        (a match of `min_match` tokens: the model drafter is not run for it, and neither its
+        catch-up nor its call is paid)."""
+        if self.retrieval.lookup(view, 1)[1] >= self.min_match:
+            return None
         pending = getattr(self.model, "pending_rows", None)
-        return pending(request_id, since) if pending is not None else 0
+        return pending(view) if pending is not None else 0
 
     def propose(self, seqs: Seq[SequenceView], budgets: Seq[int]) -> DraftProposal:
         check_budgets(seqs, budgets)

@@ -65,7 +65,11 @@ class SpecPolicy:
     from acceptance and step times (`AdaptiveSpecPolicy`) overrides them."""
 
     def budgets(
-        self, request_ids: list[str], other_tokens: int, context: float | None = None, pending: list[int] | None = None
+        self,
+        request_ids: list[str],
+        other_tokens: int,
+        context: float | None = None,
+        pending: list[int | None] | None = None,
     ) -> list[int]:
         raise NotImplementedError
 
@@ -99,7 +103,11 @@ class FixedSpecPolicy(SpecPolicy):
     k: int
 
     def budgets(
-        self, request_ids: list[str], other_tokens: int, context: float | None = None, pending: list[int] | None = None
+        self,
+        request_ids: list[str],
+        other_tokens: int,
+        context: float | None = None,
+        pending: list[int | None] | None = None,
     ) -> list[int]:
         return [self.k] * len(request_ids)
 
@@ -357,14 +365,16 @@ class AdaptiveSpecPolicy(SpecPolicy):
         acceptances: list[float],
         base_tokens: int,
         confidences: list[np.ndarray | None] | None = None,
-        entry: list[float] | None = None,
+        entry: list[float | None] | None = None,
     ) -> list[int]:
         """Draft lengths maximising expected tokens per second for one step. The j-th draft
         of sequence i is accepted with probability a_i^j or, where `confidences[i]` (the
         drafter's smoothed confidence in its j-th draft) says more, the calibrated confidence:
         a tree's second draft is often a sibling of the first, likelier than the chain's a^2.
         `entry[i]` (seconds) is added to the step with sequence i's first draft: the drafter's
-        catch-up over that sequence's backlog, paid only by a step that drafts for it."""
+        catch-up over that sequence's backlog, paid only by a step that drafts for it; the
+        catch-up's fixed part is added once, with the first draft of a sequence whose entry
+        is not None (None: its drafts would not run the drafter's model, a hybrid's copy)."""
         S = len(acceptances)
         gains = []  # (probability the j-th draft of sequence i is accepted, i)
         calib = self.calibration()
@@ -381,20 +391,24 @@ class AdaptiveSpecPolicy(SpecPolicy):
             # barring the drafts after it from every prefix the plan tries
             row = self.scale * (self.verify_cost(S, base_tokens + 1, self._context) - self.verify_cost(S, base_tokens, self._context))
             row = max(row + self.draft_cost + float(self.overhead.coef[2]), 1e-6)
-            gains.sort(key=lambda g: -g[0] / (row + entry[g[1]]))
+            gains.sort(key=lambda g: -g[0] / (row + (entry[g[1]] or 0.0)))
         else:
             gains.sort(key=lambda g: -g[0])
         # expected tokens and step time with the best 0, 1, 2, ... drafts (one vectorised cost call)
         counts = np.arange(len(gains) + 1)
         expected = S + np.concatenate(([0.0], np.cumsum([g for g, _ in gains])))
         cost = self.scale * self.verify_cost.many(S, base_tokens + counts, self._context)
-        first = self.draft_first + (self.catch_up.coef[0] if entry is not None else 0.0)
-        drafting = np.where(counts > 0, first + self.draft_cost * (counts - 1), 0.0)
+        drafting = np.where(counts > 0, self.draft_first + self.draft_cost * (counts - 1), 0.0)
         cost = cost + self.overhead(S, counts) + drafting
-        if entry is not None and any(entry):
-            paid, seen = [0.0], set()
+        if entry is not None:
+            fixed = float(self.catch_up.coef[0])
+            paid, seen, called = [0.0], set(), False
             for _, i in gains:
-                paid.append(paid[-1] + (entry[i] if i not in seen else 0.0))
+                add = 0.0
+                if i not in seen and entry[i] is not None:
+                    add = entry[i] + (fixed if not called else 0.0)
+                    called = True
+                paid.append(paid[-1] + add)
                 seen.add(i)
             cost = cost + np.asarray(paid)
         if base_tokens > S:
@@ -420,11 +434,16 @@ class AdaptiveSpecPolicy(SpecPolicy):
         return self.plan([a], 1)[0]
 
     def budgets(
-        self, request_ids: list[str], other_tokens: int, context: float | None = None, pending: list[int] | None = None
+        self,
+        request_ids: list[str],
+        other_tokens: int,
+        context: float | None = None,
+        pending: list[int | None] | None = None,
     ) -> list[int]:
         """Draft lengths for this step's decoding sequences, with `other_tokens` the tokens
         the step runs anyway, `context` their mean cached tokens (None: unknown) and
-        `pending` the drafter's catch-up backlog per sequence in rows (None: it keeps none)."""
+        `pending` the drafter's catch-up backlog per sequence in rows (None for the list: it
+        keeps none; None for a sequence: its drafts would not run the drafter's model)."""
         self._context = context
         confidences = [st.gains if (st := self._stats.get(r)) is not None else None for r in request_ids]
         acceptances = [self.acceptance(r) for r in request_ids]
@@ -434,7 +453,7 @@ class AdaptiveSpecPolicy(SpecPolicy):
         # 1 + max_k rows): past that the charge would only grow, and a sequence left idle at
         # high load could never be probed again; the probe that drafts pays the rest once
         cap = self.probe_every * (1 + self.max_k)
-        entry = None if pending is None else [per_row * min(n, cap) for n in pending]
+        entry = None if pending is None else [None if n is None else per_row * min(n, cap) for n in pending]
         ks = self.plan(acceptances, base, confidences, entry)
         # probe: has the text become predictable? Sequences idle for `probe_every` steps or
         # more are probed together, on every `probe_every`-th step: a drafter that runs a
