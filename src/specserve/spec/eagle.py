@@ -219,7 +219,9 @@ class EagleDrafter:
         trees = self._grow([seqs[i] for i in active], roots, [budgets[i] for i in active])
         for i, (tree_tokens, tree_parents, tree_conf) in zip(active, trees):
             tokens[i], parents[i], confidence[i] = tree_tokens, tree_parents, tree_conf
-        return DraftProposal(tokens, parents=parents, confidence=confidence, catch_up_seconds=catch_up, catch_up_rows=rows)
+        return DraftProposal(
+            tokens, parents=parents, confidence=confidence, catch_up_seconds=catch_up, catch_up_rows=rows
+        )
 
     def _region(self, view: SequenceView) -> int:
         return view.slot * self.max_len

@@ -78,7 +78,9 @@ class SpecPolicy:
     ) -> None:
         pass
 
-    def observe_draft_time(self, seconds: float, num_tokens: int, catch_up: float = 0.0, catch_up_rows: int = 0) -> None:
+    def observe_draft_time(
+        self, seconds: float, num_tokens: int, catch_up: float = 0.0, catch_up_rows: int = 0
+    ) -> None:
         pass
 
     def observe_step(
@@ -389,7 +391,8 @@ class AdaptiveSpecPolicy(SpecPolicy):
             # drafts in order of gain per second: a sequence's backlog divides all its gains
             # (keeping its drafts in chain order), so one dear backlog goes last instead of
             # barring the drafts after it from every prefix the plan tries
-            row = self.scale * (self.verify_cost(S, base_tokens + 1, self._context) - self.verify_cost(S, base_tokens, self._context))
+            f = self.verify_cost
+            row = self.scale * (f(S, base_tokens + 1, self._context) - f(S, base_tokens, self._context))
             row = max(row + self.draft_cost + float(self.overhead.coef[2]), 1e-6)
             gains.sort(key=lambda g: -g[0] / (row + (entry[g[1]] or 0.0)))
         else:
@@ -506,7 +509,9 @@ class AdaptiveSpecPolicy(SpecPolicy):
             st.gains = conf if st.gains is None else (1 - w) * st.gains + w * conf
         self._idle.pop(request_id, None)
 
-    def observe_draft_time(self, seconds: float, num_tokens: int, catch_up: float = 0.0, catch_up_rows: int = 0) -> None:
+    def observe_draft_time(
+        self, seconds: float, num_tokens: int, catch_up: float = 0.0, catch_up_rows: int = 0
+    ) -> None:
         """A drafting call of `seconds` proposed `num_tokens` drafts; `catch_up` of those
         seconds brought the drafter up to date over `catch_up_rows` rows
         (`DraftProposal.catch_up_seconds`, `catch_up_rows`). The whole call stays out of the
