@@ -387,20 +387,18 @@ class AdaptiveSpecPolicy(SpecPolicy):
             if conf is not None:  # both non-increasing in j: so is their maximum
                 chain = np.maximum(chain, np.minimum(calib * conf[: self.max_k], 0.999))
             gains.extend((float(g), i) for g in chain)
-        if entry is not None and any(entry):
+        # step time with 0, 1, 2, ... drafts (one vectorised cost call; any order of drafts)
+        counts = np.arange(len(gains) + 1)
+        cost = self.scale * self.verify_cost.many(S, base_tokens + counts, self._context)
+        if gains and entry is not None and any(entry):
             # drafts in order of gain per second: a sequence's backlog divides all its gains
             # (keeping its drafts in chain order), so one dear backlog goes last instead of
             # barring the drafts after it from every prefix the plan tries
-            f = self.verify_cost
-            row = self.scale * (f(S, base_tokens + 1, self._context) - f(S, base_tokens, self._context))
-            row = max(row + self.draft_cost + float(self.overhead.coef[2]), 1e-6)
+            row = max(float(cost[1] - cost[0]) + self.draft_cost + float(self.overhead.coef[2]), 1e-6)
             gains.sort(key=lambda g: -g[0] / (row + (entry[g[1]] or 0.0)))
         else:
             gains.sort(key=lambda g: -g[0])
-        # expected tokens and step time with the best 0, 1, 2, ... drafts (one vectorised cost call)
-        counts = np.arange(len(gains) + 1)
         expected = S + np.concatenate(([0.0], np.cumsum([g for g, _ in gains])))
-        cost = self.scale * self.verify_cost.many(S, base_tokens + counts, self._context)
         drafting = np.where(counts > 0, self.draft_first + self.draft_cost * (counts - 1), 0.0)
         cost = cost + self.overhead(S, counts) + drafting
         if entry is not None:

@@ -190,10 +190,19 @@ extern "C" void ss_linear_f32(const bf16* wp, const float* bias, const bf16* x, 
 // value, ties to the lower index, which no order of merging changes. Returns 1 (idx
 // untouched) when a logit is NaN: torch's argmax takes a NaN as the maximum, and the
 // caller asks the full logits.
+// (b, w) <- the better of itself and (v, i): the larger value, ties to the lower index; an
+// index < 0 is no candidate
+static inline void keep_better(float& b, int64_t& w, float v, int64_t i) {
+  if (i >= 0 && (w < 0 || v > b || (v == b && i < w))) {
+    b = v;
+    w = i;
+  }
+}
+
 extern "C" int ss_linear_argmax(const bf16* wp, const bf16* x, int64_t* idx, int M, int K, int N) {
   const int nt = omp_get_max_threads();
   std::vector<float> best((size_t)nt * M, -INFINITY);
-  std::vector<int64_t> where((size_t)nt * M, INT64_MAX);
+  std::vector<int64_t> where((size_t)nt * M, -1);
   Buffer<float> lanes_best((size_t)nt * M * 16, -INFINITY);  // per thread, row and lane
   Buffer<int32_t> lanes_idx((size_t)nt * M * 16, -1);
   int has_nan = 0;
@@ -221,29 +230,15 @@ extern "C" int ss_linear_argmax(const bf16* wp, const bf16* x, int64_t* idx, int
     });
     has_nan |= unordered != 0;
     for (int m = 0; m < M; m++)
-      for (int j = 0; j < 16; j++) {
-        const float v = lane_best[(size_t)m * 16 + j];
-        const int32_t i = lane_idx[(size_t)m * 16 + j];
-        float& b = best[(size_t)t * M + m];
-        int64_t& w = where[(size_t)t * M + m];
-        if (i >= 0 && (v > b || (v == b && i < w) || w == INT64_MAX)) {
-          b = v;
-          w = i;
-        }
-      }
+      for (int j = 0; j < 16; j++)
+        keep_better(best[(size_t)t * M + m], where[(size_t)t * M + m], lane_best[(size_t)m * 16 + j],
+                    lane_idx[(size_t)m * 16 + j]);
   }
   if (has_nan) return 1;
   for (int m = 0; m < M; m++) {
     float b = -INFINITY;
-    int64_t w = INT64_MAX;
-    for (int t = 0; t < nt; t++) {
-      const float v = best[(size_t)t * M + m];
-      const int64_t i = where[(size_t)t * M + m];
-      if (i != INT64_MAX && (v > b || (v == b && i < w) || w == INT64_MAX)) {
-        b = v;
-        w = i;
-      }
-    }
+    int64_t w = -1;
+    for (int t = 0; t < nt; t++) keep_better(b, w, best[(size_t)t * M + m], where[(size_t)t * M + m]);
     idx[m] = w;
   }
   return 0;
