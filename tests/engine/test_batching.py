@@ -157,6 +157,18 @@ def test_prefix_cache_reuses_blocks_and_keeps_outputs(llm_exact):
         assert again.token_ids == out.token_ids
 
 
+def test_a_request_done_on_its_first_token_leaves_its_prompt_cached(llm_exact):
+    # the prompt's blocks join the prefix cache on the step that ends the request, not after
+    prompt = llm_exact.chat_prompt([{"role": "user", "content": "Describe a lighthouse at night. " * 8}])
+    block = llm_exact.engine.cache.block_size
+    llm_exact.reset_prefix_cache()
+    one = llm_exact.generate([prompt], SamplingParams(max_tokens=1))[0]
+    assert one.metrics.cached_tokens == 0 and len(one.token_ids) == 1
+    again = llm_exact.generate([prompt], SamplingParams(max_tokens=4))[0]
+    assert again.metrics.cached_tokens == (len(prompt) - 1) // block * block > 0
+    assert again.token_ids[:1] == one.token_ids
+
+
 def test_small_kv_budget_preempts_and_still_completes(batch_requests):
     # room for two or three of the sequences at once while eight want to run and grow
     llm = LLM(dtype="bfloat16", device="cpu", max_num_seqs=8, max_model_len=768, kv_cache_tokens=768)

@@ -378,11 +378,11 @@ class Engine:
                 # per draft position; in a tree, per depth (drafted when some node lies there)
                 _count_positions(m.drafted_per_position, draft_levels(d, parents))
                 _count_positions(m.accepted_per_position, n_acc)
-            self.cache.commit(seq.slot, seq.num_cached)
+            # full blocks join the prefix cache, before a finished request frees them: the cached
+            # positions hold the sequence's tokens and the accepted drafts (the last token is new)
+            self.cache.commit(seq.slot, seq.num_cached, seq.all_ids + tokens[:n_acc])
             seq.metrics.forward_passes += 1
             self.append_tokens(seq, tokens)
-            if seq.slot is not None:
-                self.cache.commit(seq.slot, seq.num_cached, seq.all_ids)  # full blocks join the prefix cache
             if feeds and not seq.finished:
                 fed_rows.append((seq.request_id, start, list(fed)))
         if fed_rows:
