@@ -137,7 +137,7 @@ def test_native_layers_as_accurate_as_pytorch(tmp_path, family, native_lib):
 
 
 @pytest.mark.parametrize("family", ["llama", *WIDE_HEADS])
-def test_native_row_invariance(tmp_path, monkeypatch, native_lib, family):
+def test_native_row_invariance(tmp_path, monkeypatch, prompt_tiles, family):
     model, _, _ = models(tmp_path, family)
     ids = torch.randint(0, VOCAB, (48,)).tolist()
     alone = decode_alone(model, ids, 40)  # rows 40..47, one token per forward
@@ -197,11 +197,29 @@ def test_native_row_invariance(tmp_path, monkeypatch, native_lib, family):
     assert torch.equal(run(model, small, [(c, 40, ids[40:], None)]), alone)
 
 
+@pytest.fixture(params=["wide", "narrow"])
+def prompt_tiles(request, native_lib):
+    """The AVX2 library's prompt-chunk path both ways (wide tiles from 32 rows, or narrow
+    tiles at every size), whichever one this CPU was found faster on; the AMX library once."""
+    if not hasattr(native_lib, "ss_set_wide_rows"):
+        if request.param == "narrow":
+            pytest.skip("the AMX library has one path")
+        yield native_lib
+        return
+    chosen = native_lib.ss_wide_rows()
+    native_lib.ss_set_wide_rows(32 if request.param == "wide" else 0)
+    try:
+        yield native_lib
+    finally:
+        native_lib.ss_set_wide_rows(chosen)
+
+
 @pytest.mark.parametrize(("rows", "inputs"), [(37, 64), (133, 1216)])  # inputs % 32 == 0 for the AMX tiles
-def test_native_linear_is_exact_per_row(native_lib, rows, inputs):
-    """A row is the same alone or among others; 133 rows take the AVX2 library's wide
-    tiles (weights widened once, in slices when the inputs are many), 1 row the narrow ones."""
-    lib = native_lib
+def test_native_linear_is_exact_per_row(prompt_tiles, rows, inputs):
+    """A row is the same alone or among others; with the AVX2 library's wide tiles, 37 and
+    133 rows take them (weights widened once, in slices when the inputs are many), 1 row
+    the narrow ones; either path gives every output alike."""
+    lib = prompt_tiles
     torch.manual_seed(0)
     w = (torch.randn(96, inputs) * 0.1).bfloat16()
     bias = torch.randn(96)
@@ -213,6 +231,10 @@ def test_native_linear_is_exact_per_row(native_lib, rows, inputs):
     for m in (0, 5, 16, 36, rows - 2, rows - 1):
         assert torch.equal(native.linear(lib, packed, bias, x[m : m + 1].contiguous())[0], y[m])
     assert torch.equal(native.linear(lib, packed, bias, x[3:8].contiguous()), y[3:8])
+    if hasattr(lib, "ss_set_wide_rows"):  # the other path, the same outputs
+        wide = lib.ss_wide_rows()
+        lib.ss_set_wide_rows(0 if wide else 32)
+        assert torch.equal(native.linear(lib, packed, bias, x), y)
 
 
 def test_native_lm_head_rows_are_exact_and_invariant(tmp_path, native_lib):
@@ -433,3 +455,21 @@ def test_greedy_decoding_is_the_same_with_and_without_the_screen(llm_bf16):
     finally:
         head.screen = screen
         llm_bf16.set_spec(None)
+
+
+def test_prompt_tile_choice_can_be_pinned(monkeypatch, native_lib):
+    if not hasattr(native_lib, "ss_set_wide_rows"):
+        pytest.skip("the AMX library has one path")
+    monkeypatch.setenv("SPECSERVE_WIDE_ROWS", "0")
+    assert native._choose_wide_rows(native_lib) == 0
+    monkeypatch.setenv("SPECSERVE_WIDE_ROWS", "32")
+    assert native._choose_wide_rows(native_lib) == 32
+    monkeypatch.setenv("SPECSERVE_WIDE_ROWS", "wide")
+    with pytest.raises(ValueError, match="SPECSERVE_WIDE_ROWS"):
+        native._choose_wide_rows(native_lib)
+    monkeypatch.delenv("SPECSERVE_WIDE_ROWS")
+    chosen = native_lib.ss_wide_rows()
+    try:
+        assert native._choose_wide_rows(native_lib, reps=1) in (0, 32)  # timed: either may win
+    finally:
+        native_lib.ss_set_wide_rows(chosen)

@@ -27,7 +27,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+import statistics
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -142,7 +144,39 @@ def _load(kind: str) -> tuple[ctypes.CDLL | None, str]:
         why = "Linux refused the AMX tile state (arch_prctl)"
         log.warning("%s; the %s library is not used", why, kind)
         return None, why
+    if hasattr(lib, "ss_set_wide_rows"):
+        lib.ss_set_wide_rows(_choose_wide_rows(lib))
     return lib, ""
+
+
+def _choose_wide_rows(lib: ctypes.CDLL, reps: int = 7) -> int:
+    """Where the AVX2 library's linears switch to the wide path (32 rows), or 0 for never:
+    `SPECSERVE_WIDE_ROWS` where set, else whichever of the two paths is faster here, timed
+    on a 64-row prompt chunk's linear (a few ms). Both compute every output alike, so the
+    choice changes speed only. Zen 1 runs prompt chunks 7-10% faster on the wide path,
+    Zen 3 20-50% faster on the narrow one (docs/native.md)."""
+    wanted = os.environ.get("SPECSERVE_WIDE_ROWS")
+    if wanted is not None:
+        try:
+            return max(0, int(wanted))
+        except ValueError:
+            raise ValueError(f"SPECSERVE_WIDE_ROWS must be an int (0: never), got {wanted!r}") from None
+    m, k, n = 64, 576, 1536
+    gen = torch.Generator().manual_seed(0)
+    packed = vnni_pack(torch.randn(n, k, generator=gen).to(torch.bfloat16))
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    times: dict[int, list[float]] = {32: [], 0: []}
+    for rep in range(reps + 1):  # the first round warms up, untimed
+        for rows in (32, 0) if rep % 2 else (0, 32):
+            lib.ss_set_wide_rows(rows)
+            t0 = time.perf_counter()
+            lib.ss_linear(packed.data_ptr(), None, x.data_ptr(), y.data_ptr(), m, k, n)
+            if rep:
+                times[rows].append(time.perf_counter() - t0)
+    wide, narrow = statistics.median(times[32]), statistics.median(times[0])
+    log.info("prompt-chunk linears: wide path %.0f us, narrow %.0f us", 1e6 * wide, 1e6 * narrow)
+    return 32 if wide < narrow else 0
 
 
 def open_library(path: Path) -> ctypes.CDLL | None:
@@ -164,6 +198,11 @@ def open_library(path: Path) -> ctypes.CDLL | None:
     if hasattr(lib, "ss_linear_argmax"):  # the AMX library's greedy LM head
         lib.ss_linear_argmax.argtypes = [vp, vp, vp, ci, ci, ci]
         lib.ss_linear_argmax.restype = ci
+    if hasattr(lib, "ss_set_wide_rows"):  # the AVX2 library's prompt-chunk path
+        lib.ss_set_wide_rows.argtypes = [ci]
+        lib.ss_set_wide_rows.restype = None
+        lib.ss_wide_rows.argtypes = []
+        lib.ss_wide_rows.restype = ci
     if hasattr(lib, "ss_screen"):  # the AVX2 library's screened greedy LM head
         lib.ss_screen.argtypes = [vp, vp, vp, vp, vp, vp, ci, ci, ci, vp, vp, vp, vp, ci, vp]
         lib.ss_screen.restype = ci
@@ -513,6 +552,11 @@ def describe(model: DecoderModel) -> str:
     """Which path `model`'s layers take, and why not the native one (`specserve info`)."""
     if model.native is not None:
         screened = model.native_head is not None and model.native_head.screen is not None
-        return f"native ({kind_of(model.native.lib)}){', greedy LM head screened in int8' if screened else ''}"
+        lib = model.native.lib
+        wide = ""
+        if hasattr(lib, "ss_wide_rows"):
+            rows = lib.ss_wide_rows()
+            wide = f", wide linears from {rows} rows" if rows else ", narrow linears at every size"
+        return f"native ({kind_of(lib)}){wide}{', greedy LM head screened in int8' if screened else ''}"
     why = supports(model) or (_why_not if library() is None else "packing disabled")
     return f"pytorch ({why})"

@@ -19,6 +19,7 @@
 // 2 inputs, 64 bytes, which widen into the even and odd inputs of 8 outputs per register.
 
 #include <immintrin.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -173,6 +174,13 @@ extern "C" int ss_init(void) { return 0; }
 // Measured on Zen 1 (docs/native.md): prompt chunks of 64-256 rows 7-10% faster; break-
 // even near 28 rows; slices of 64 or 768 pairs, or 6-row tiles, gain less.
 static const int WIDE_ROWS = 32;
+// where the wide path starts: WIDE_ROWS, or never (INT_MAX). The choice changes no output
+// (both paths compute every output alike), only the speed: on Zen 1 the wide path is 7-10%
+// faster for prompt chunks, on Zen 3 the narrow tiles are 20-50% faster (docs/native.md).
+// native.py times both at load and sets the faster (ss_set_wide_rows).
+static int wide_rows = WIDE_ROWS;
+extern "C" void ss_set_wide_rows(int rows) { wide_rows = rows > 0 ? rows : INT_MAX; }
+extern "C" int ss_wide_rows(void) { return wide_rows == INT_MAX ? 0 : wide_rows; }
 static const int WIDE_PAIRS = 288;
 static const int WIDE_TILE = 4;
 
@@ -265,7 +273,7 @@ NO_IPA static void wide_linear_omp(const bf16* wp, const float* bias, const floa
 // y is bf16, or fp32 holding the bf16-rounded values. N % 16 == 0, K % 2 == 0.
 template <typename Out>
 static void linear_omp(const bf16* wp, const float* bias, const float* x, Out* y, int M, int K, int N) {
-  if (M >= WIDE_ROWS) wide_linear_omp(wp, bias, x, y, M, K, N);
+  if (M >= wide_rows) wide_linear_omp(wp, bias, x, y, M, K, N);
   else narrow_linear_omp(wp, bias, x, y, M, K, N);
 }
 
