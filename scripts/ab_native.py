@@ -43,6 +43,8 @@ def library_at(rev: str, kind: str) -> object:
         lib = native.open_library(native.build(path))
     if lib is None:
         raise SystemExit(f"the {kind} library at {rev} did not initialise")
+    if hasattr(lib, "ss_set_wide_rows") and hasattr(current := native.library(), "ss_wide_rows"):
+        lib.ss_set_wide_rows(current.ss_wide_rows())  # the prompt-chunk path this CPU was found faster on
     return lib
 
 
