@@ -4,6 +4,7 @@
     .venv/bin/python scripts/step_profile.py --concurrency 4 --methods off,ngram+load-aware
     .venv/bin/python scripts/step_profile.py --concurrency 4 --logits-head   # A/B of the greedy head
     .venv/bin/python scripts/step_profile.py --concurrency 32 --unpriced-catch-up  # A/B of the policy
+    .venv/bin/python scripts/step_profile.py --concurrency 1 --other-prompt-path  # A/B of the AVX2 prompt tiles
 
 Loads the default model once and runs `specserve bench throughput`'s workload (Spec-Bench
 first turns, chat template, greedy, categories interleaved, `concurrency` requests kept in
@@ -17,7 +18,9 @@ the AVX2 library its screened logits, then torch's argmax) in place of the fused
 alternated in the same repetitions (the policy's forward cost table, measured once, is the
 fused head's for both);
 with `--unpriced-catch-up`, also with the policy blind to a drafter's catch-up backlog (as
-before 2026-12-02: the drafter's `pending_rows` hidden from the engine).
+before 2026-12-02: the drafter's `pending_rows` hidden from the engine); with
+`--other-prompt-path`, also with the AVX2 library's other path for linears of 32 rows and
+more (wide tiles where it chose narrow ones, or the reverse; every output the same).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from specserve.bench.common import build_prompts, select_questions
 
 LOGITS = " (logits + argmax)"
 UNPRICED = " (catch-up unpriced)"
+OTHER_PATH = " (other prompt path)"
 FUSED = NativeLMHead.greedy
 
 
@@ -94,6 +98,8 @@ def main() -> None:
     ap.add_argument("--repetitions", type=int, default=2)
     ap.add_argument("--logits-head", action="store_true", help="also each method with logits + argmax for greedy rows")
     ap.add_argument("--unpriced-catch-up", action="store_true", help="also each method with the catch-up unpriced")
+    ap.add_argument("--other-prompt-path", action="store_true",
+                    help="also each method with the AVX2 library's other path for prompt chunks")
     args = ap.parse_args()
     c = args.concurrency
     llm = LLM(max_num_seqs=c, max_model_len=2048)
@@ -106,11 +112,20 @@ def main() -> None:
         methods = [m + suffix for m in methods for suffix in ("", LOGITS)]
     if args.unpriced_catch_up:
         methods = [m + suffix for m in methods for suffix in ("", UNPRICED)]
+    lib = llm.engine.runner.model.native.lib if llm.engine.runner.model.native is not None else None
+    chosen = lib.ss_wide_rows() if hasattr(lib, "ss_wide_rows") else None
+    if args.other_prompt_path:
+        if chosen is None:
+            raise SystemExit("--other-prompt-path needs the AVX2 library")
+        print(f"prompt chunks: {'wide tiles' if chosen else 'narrow tiles'} chosen at load")
+        methods = [m + suffix for m in methods for suffix in ("", OTHER_PATH)]
     times = {m: defaultdict(float) for m in methods}
     counts = {m: defaultdict(int) for m in methods}
     for rep in range(args.repetitions):
         for method in methods:
-            base = method.removesuffix(UNPRICED).removesuffix(LOGITS)
+            base = method.removesuffix(OTHER_PATH).removesuffix(UNPRICED).removesuffix(LOGITS)
+            if chosen is not None:
+                lib.ss_set_wide_rows((0 if chosen else 32) if method.endswith(OTHER_PATH) else chosen)
             spec = None if base == "off" else base.removesuffix(LOAD_AWARE)
             llm.set_spec(spec, adaptive=base.endswith(LOAD_AWARE))
             NativeLMHead.greedy = logits_greedy if LOGITS in method else FUSED
