@@ -100,6 +100,36 @@ def test_tree_drafts_match_the_training_forward(llm_fp32, random_head_dir):
             assert set(grand) <= set(head.draft_ids[kids3].tolist())
 
 
+def test_catch_up_runs_the_last_window_of_features(llm_fp32, random_head_dir):
+    """A catch-up over more rows than the drafter's window runs the last `window` only: its
+    tree's roots are those of the head's causal forward over just those rows, at their
+    positions; a long backlog handed over in pieces is cut to the window as it arrives."""
+    model = llm_fp32.engine.runner.model
+    head = load_head(random_head_dir, model)
+    ids = llm_fp32.chat_prompt([{"role": "user", "content": PROMPTS[3]}])
+    feats = _features(llm_fp32, ids)
+    n, window = len(ids) - 1, 6
+    assert n > 4 * window + 4
+    drafter = EagleDrafter(head, num_slots=2, max_len=256, top_k=3, depth=2, window=window)
+    drafter.take_hidden("r", 0, feats[:n])
+    view = SequenceView("r", list(ids), n, SamplingParams(), slot=0)
+    assert drafter.pending_rows(view) == 0  # the prompt's rows are no backlog
+    proposal = drafter.propose([view], [12])  # every root and child fits
+    assert proposal.catch_up_rows == window
+    with torch.inference_mode():
+        out = head(torch.tensor(ids[n - window + 1 : n + 1]), feats[n - window : n], torch.arange(n - window, n),
+                   CausalBatch(1, window))
+        top = torch.topk(head.logits(out[-1:])[0], 3).indices
+    roots = [t for t, p in zip(proposal.token_ids[0], proposal.parents[0]) if p == -1]
+    assert sorted(roots) == sorted(head.draft_ids[top].tolist())
+
+    drafter.take_hidden("s", 0, feats[:4])
+    drafter.take_hidden("s", 4, feats[4:n])  # past 4 windows: cut at once
+    backlog = SequenceView("s", list(ids), 0, SamplingParams(), slot=1)
+    assert drafter._state["s"].num_pending == window and drafter.pending_rows(backlog) == window
+    assert drafter.propose([backlog], [2]).catch_up_rows == window
+
+
 def test_pruned_expansion_proposes_the_same_trees_with_fewer_forwards(llm_fp32):
     """Expansion skips nodes whose children the budget cannot take: the trees are exactly
     those of expanding every depth, for small and large budgets, in one batch, with fewer

@@ -144,9 +144,21 @@ class EagleDrafter:
     name = "eagle"
     wants_hidden = True
 
-    def __init__(self, head: EagleHead, num_slots: int, max_len: int, top_k: int = 4, depth: int = 5) -> None:
+    #: most feature rows a catch-up runs: where more are pending (a new request's prompt, a
+    #: long stretch without drafts), the head's cache restarts at the last WINDOW of them.
+    #: Drafting barely reads further back: on second turns whose first turn came from the
+    #: prefix cache, the head started 13-15 rows before the end of the prompt and accepted
+    #: as many tokens as with the whole prompt (docs/eagle.md).
+    WINDOW = 64
+
+    def __init__(
+        self, head: EagleHead, num_slots: int, max_len: int, top_k: int = 4, depth: int = 5, window: int | None = None
+    ) -> None:
         if top_k < 1 or depth < 1:
             raise ValueError(f"eagle needs top_k >= 1 and depth >= 1, got {top_k}, {depth}")
+        self.window = self.WINDOW if window is None else window
+        if self.window < 1:
+            raise ValueError(f"eagle needs a catch-up window >= 1, got {self.window}")
         self.head = head
         self.top_k = min(top_k, int(head.draft_ids.numel()))
         self.depth = depth
@@ -172,11 +184,21 @@ class EagleDrafter:
         if st.pending and start == st.pending_end:
             st.pending.append(rows.clone())
             st.pending_end += rows.shape[0]
+        else:
+            if start < st.first or (not st.pending and start > st.length):
+                st.first = st.length = start  # no features before `start` (prefix-cache hit, recompute)
+            st.length = min(st.length, start)
+            st.pending, st.pending_start, st.pending_end = [rows.clone()], start, start + rows.shape[0]
+        if st.num_pending > 4 * self.window:  # long idle: keep what a catch-up would run
+            self._keep_window(st)
+
+    def _keep_window(self, st: _State) -> None:
+        """Drop pending features before the last `window`; the head's cache restarts there."""
+        if st.num_pending <= self.window:
             return
-        if start < st.first or (not st.pending and start > st.length):
-            st.first = st.length = start  # no features before `start` (prefix-cache hit, recompute)
-        st.length = min(st.length, start)
-        st.pending, st.pending_start, st.pending_end = [rows.clone()], start, start + rows.shape[0]
+        feats = torch.cat(st.pending)[-self.window :]
+        st.pending, st.pending_start = [feats], st.pending_end - self.window
+        st.first = st.length = st.pending_start
 
     def pending_rows(self, view: SequenceView) -> int:
         """Features past the prompt handed over but not yet in the head's cache: rows the
@@ -185,7 +207,7 @@ class EagleDrafter:
         st = self._state.get(view.request_id)
         if st is None or not st.pending:
             return 0
-        return max(0, st.pending_end - max(st.pending_start, view.num_prompt_tokens))
+        return max(0, min(self.window, st.pending_end - max(st.pending_start, view.num_prompt_tokens)))
 
     def observe(self, seqs: Seq[SequenceView], num_accepted: Seq[int]) -> None:
         pass  # the accepted tokens' features arrive through take_hidden
@@ -213,6 +235,8 @@ class EagleDrafter:
         if not active:
             return DraftProposal(tokens, parents=parents)
         t0 = time.perf_counter()
+        for i in active:
+            self._keep_window(self._state[seqs[i].request_id])
         rows = sum(self._state[seqs[i].request_id].num_pending for i in active)
         roots = self._catch_up([seqs[i] for i in active])
         catch_up = time.perf_counter() - t0
