@@ -357,7 +357,10 @@ class ScreenedHead:
     maximum (a handful of the 3,072 groups of a 49,152-token vocabulary)."""
 
     CAP = 256  # candidates per row beyond which the full head is cheaper
-    MAX_ROWS = 2  # at 3 rows and more the int8 screen costs what the bf16 head does on AVX2 (docs/native.md)
+    # up to 4 rows: on Zen 3 the screen takes 0.66x / 0.76x / 0.85x of the bf16 head's time at
+    # 2 / 3 / 4 rows, 0.94x at 6 and more than it from 8; on Zen 1, from 3 rows, about as
+    # much as the bf16 head (docs/native.md)
+    MAX_ROWS = 4
 
     @staticmethod
     def fits(weight: torch.Tensor) -> bool:
