@@ -25,9 +25,9 @@ import hashlib
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -357,9 +357,9 @@ class ScreenedHead:
     maximum (a handful of the 3,072 groups of a 49,152-token vocabulary)."""
 
     CAP = 256  # candidates per row beyond which the full head is cheaper
-    # up to 4 rows: on Zen 3 the screen takes 0.66x / 0.76x / 0.85x of the bf16 head's time at
-    # 2 / 3 / 4 rows, 0.94x at 6 and more than it from 8; on Zen 1, from 3 rows, about as
-    # much as the bf16 head (docs/native.md)
+    # up to 4 rows: on Zen 3 the screen takes 0.61x / 0.87x / 0.89x of the bf16 head's time at
+    # 2 / 3 / 4 rows, about as much at 6 and more from 8; on Zen 1, from 3 rows, about as much
+    # as the bf16 head (docs/native.md)
     MAX_ROWS = 4
 
     @staticmethod
