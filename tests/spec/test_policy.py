@@ -284,6 +284,33 @@ def test_idle_sequences_are_probed_in_the_same_step():
     assert probes[3] == ["a"] and probes[7] == ["a", "b"] and probes[11] == ["a", "b", "c"]
 
 
+def test_rejected_probes_wait_longer_and_an_accepted_one_resets_the_wait():
+    policy = AdaptiveSpecPolicy(4, linear_cost(per_row=0.004), probe_every=2, probe_backoff=4)
+    for _ in range(30):
+        policy.update("a", 4, 0)
+
+    def probe_steps(steps: int, accepted: int) -> list[int]:
+        probed = []
+        for step in range(steps):
+            if policy.budgets(["a"], 1)[0]:
+                probed.append(step)
+                policy.update("a", 1, accepted)
+        return probed
+
+    # probes every 2 steps at first; each rejection doubles the wait, capped at 8 steps
+    # (probe_backoff x probe_every)
+    first = probe_steps(40, 0)
+    assert np.diff(first).tolist()[:4] == [4, 8, 8, 8]
+    assert first[0] <= 1
+    before = policy.acceptance("a")
+    policy.update("a", 1, 1)  # an accepted probe (or draft): back to probing every 2 steps
+    assert policy.acceptance("a") > before
+    again = probe_steps(20, 0)
+    assert again[0] <= 2 and np.diff(again).tolist()[:2] == [4, 8]
+    policy.release("a")
+    assert not policy._wait and not policy._probing
+
+
 def test_longer_contexts_make_drafts_dearer():
     seqs, tokens = (1, 2, 4, 8, 16), (1, 2, 3, 5, 9)
     table = tuple(tuple(0.015 + 0.0003 * s * (t - 1) for t in tokens) for s in seqs)
