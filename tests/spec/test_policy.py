@@ -25,6 +25,32 @@ def test_forward_cost_interpolates_and_extrapolates():
     assert cost(4, 2) == pytest.approx(cost(4, 4))  # fewer tokens than sequences: one row each
 
 
+def test_a_measured_first_extra_row_prices_the_first_draft():
+    """With `one_more`, the first row past S costs what was measured, the next ones share the
+    rest up to 2S rows; the plan weighs a lone draft at its own price."""
+    seqs, tokens = (1, 2, 4), (1, 2, 3)
+    table = tuple(tuple(0.02 + 0.002 * s * t for t in tokens) for s in seqs)  # 2 ms a row
+    dear = ForwardCost(seqs, tokens, table, one_more=(0.024, 0.026, 0.034))  # 6 ms for the 5th row
+    plain = ForwardCost(seqs, tokens, table)
+    assert plain(4, 5) == pytest.approx(plain(4, 4) + 0.002)
+    assert dear(4, 5) == pytest.approx(0.034)
+    assert dear(4, 8) == pytest.approx(plain(4, 8))  # on the grid, unchanged
+    assert dear(4, 6) == pytest.approx(0.034 + (0.036 - 0.034) / 3)  # the rest of the way to 8 rows
+    assert dear(1, 2) == pytest.approx(plain(1, 2))  # one sequence: the knot is a grid point
+    assert dear(2, 3) == pytest.approx(0.026)
+    assert dear.many(4, np.array([4, 5, 6, 8])).tolist() == pytest.approx([dear(4, n) for n in (4, 5, 6, 8)])
+    # a measured time outside its neighbours' is clamped between them (the cost stays monotone)
+    assert ForwardCost(seqs, tokens, table, one_more=(0.0, 0.0, 0.5))(4, 5) == pytest.approx(plain(4, 8))
+    with pytest.raises(ValueError, match="one_more"):
+        ForwardCost(seqs, tokens, table, one_more=(0.03,))
+    # a lone draft accepted 60% of the time pays for a 2 ms row in a 28 ms step of 4, not a 6 ms
+    # one; four of them pay either way (8 rows are on the grid)
+    lone = [0.6, 0.0, 0.0, 0.0]
+    assert AdaptiveSpecPolicy(1, plain).plan(lone, 4) == [1, 0, 0, 0]
+    assert AdaptiveSpecPolicy(1, dear).plan(lone, 4) == [0, 0, 0, 0]
+    assert AdaptiveSpecPolicy(1, dear).plan([0.6] * 4, 4) == [1, 1, 1, 1]
+
+
 def test_forward_cost_rejects_bad_grids():
     with pytest.raises(ValueError):
         ForwardCost((2,), (1,), ((0.1,),))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from specserve.cache.kv_cache import KVCache
@@ -96,7 +97,13 @@ def timed_forwards(runner: ModelRunner, items: list[ForwardItem], reps: int, gre
 
 @torch.inference_mode()
 def measure_forward_cost(
-    runner: ModelRunner, max_seqs: int, max_tokens: int, context: int = 128, reps: int = 2, far_context: int = 1024
+    runner: ModelRunner,
+    max_seqs: int,
+    max_tokens: int,
+    context: int = 128,
+    reps: int = 2,
+    far_context: int = 1024,
+    pairs: int = 5,
 ) -> ForwardCost:
     """Target forward time by batch shape (best of `reps` after a warm-up), for up to
     `max_seqs` sequences of up to `max_tokens` tokens each, every row's greedy token
@@ -105,9 +112,13 @@ def measure_forward_cost(
 
     Measured on a scratch cache whose sequences hold `context` zeroed tokens each, at
     sequence counts 1, 2, 4, ... and token counts 1, 2, 3, 5, 9, ... (1 + a power of 2).
-    The largest token count of (up to) 4 sequences is measured again over `far_context`
-    cached tokens: the difference per row and per key is the table's `per_row_key`
-    (attention grows with the context).
+    Each sequence count is also measured with one sequence holding a second token (the
+    table's `one_more`: a step's first draft costs more than the mean row), as the median
+    difference of `pairs` forwards with and without it, alternated: the difference is a
+    few milliseconds, within what a shared machine's load moves a best-of-2. The largest
+    token count of (up to) 4 sequences is measured again over `far_context` cached tokens:
+    the difference per row and per key is the table's `per_row_key` (attention grows with
+    the context).
     """
     model = runner.model
     cfg = model.config
@@ -128,13 +139,26 @@ def measure_forward_cost(
             scratch.commit(slot, start)
         return ModelRunner(model, scratch), slots
 
+    def items(slots: list[int], s: int, n: int, start: int, more: int = 0) -> list[ForwardItem]:
+        return [ForwardItem(slot, start, [1] * (n + (more if i == 0 else 0)), logits_from=0)
+                for i, slot in enumerate(slots[:s])]
+
     def best(batch: tuple[ModelRunner, list[int]], s: int, n: int, start: int) -> float:
         probe, slots = batch
-        items = [ForwardItem(slot, start, [1] * n, logits_from=0) for slot in slots[:s]]
-        return min(timed_forwards(probe, items, reps, greedy=True))
+        return min(timed_forwards(probe, items(slots, s, n, start), reps, greedy=True))
+
+    def extra_row(batch: tuple[ModelRunner, list[int]], s: int) -> float:
+        probe, slots = batch
+        plain, more = items(slots, s, 1, context), items(slots, s, 1, context, more=1)
+        diffs = [timed_forwards(probe, more, 1, greedy=True)[0] - timed_forwards(probe, plain, 1, greedy=True)[0]
+                 for _ in range(pairs)]
+        return max(float(np.median(diffs)), 0.0)
 
     near = scratch_batch(seqs[-1], context)
     table = [tuple(best(near, s, n, context) for n in tokens) for s in seqs]
+    one_more = None
+    if max_tokens > 1 and pairs > 0:
+        one_more = tuple(row[0] + extra_row(near, s) for s, row in zip(seqs, table))
     del near
     per_row_key = 0.0
     if far_context > context:
@@ -142,4 +166,4 @@ def measure_forward_cost(
         far = best(scratch_batch(seqs[i], far_context), seqs[i], tokens[-1], far_context)
         rows = seqs[i] * tokens[-1]
         per_row_key = max(0.0, (far - table[i][-1]) / (rows * (far_context - context)))
-    return ForwardCost(tuple(seqs), tuple(tokens), tuple(table), context, per_row_key)
+    return ForwardCost(tuple(seqs), tuple(tokens), tuple(table), context, per_row_key, one_more)
