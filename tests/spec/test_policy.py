@@ -333,6 +333,12 @@ def test_rejected_probes_wait_longer_and_an_accepted_one_resets_the_wait():
     assert policy.acceptance("a") > before
     again = probe_steps(20, 0)
     assert again[0] <= 2 and np.diff(again).tolist()[:2] == [4, 8]
+    # a probe the drafter proposed nothing for has no outcome: the wait stays
+    wait = dict(policy._wait)
+    while not policy.budgets(["a"], 1)[0]:
+        pass
+    policy.update("a", 0, 0)
+    assert policy._wait == wait and not policy._probing
     policy.release("a")
     assert not policy._wait and not policy._probing
 
