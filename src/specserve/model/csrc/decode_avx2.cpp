@@ -146,9 +146,10 @@ static inline void tile_rows(bool first, const bf16* wg, int p0, int p1, float* 
 // ones compute from cache while memory idles. From 5 rows to fewer than SLICE_ROWS the
 // group is taken in slices of SLICE_PAIRS input pairs instead, every tile over a slice
 // before the next: memory streams the next slice while the later tiles compute, and each
-// output's products are added in the same order as in one go. Measured on Zen 3 over the
-// default model's linears (docs/native.md): 5-9 rows 4-13% faster; from 12 rows, where
-// compute outweighs the stream, slices of 16-64 pairs gain nothing or lose up to 10%.
+// output's products are added in the same order as in one go. Measured on Zen 3
+// (docs/native.md): the default model's linears 4-8% faster at 5-8 rows, its forwards of 5
+// and 6 rows 9-13%; from 12 rows, where compute outweighs the stream, slices of 16-64 pairs
+// gain nothing or lose up to 10%.
 static const int SLICE_ROWS = 12;
 static const int SLICE_PAIRS = 32;
 
