@@ -80,19 +80,21 @@ def make_drafter(
 
 
 @torch.inference_mode()
-def timed_forwards(runner: ModelRunner, items: list[ForwardItem], reps: int, greedy: bool = False) -> list[float]:
-    """Seconds of `reps` forwards of `items` after one untimed (nothing is committed, so
-    every forward writes the same cache entries); with `greedy`, the rows' greedy tokens
-    in place of their logits (`ModelRunner.forward`)."""
+def timed_forwards(
+    runner: ModelRunner, items: list[ForwardItem], reps: int, greedy: bool = False, warm_up: bool = True
+) -> list[float]:
+    """Seconds of `reps` forwards of `items` after one untimed (none with `warm_up` False;
+    nothing is committed, so every forward writes the same cache entries); with `greedy`,
+    the rows' greedy tokens in place of their logits (`ModelRunner.forward`)."""
     device = runner.device
     times = []
-    for _ in range(reps + 1):
+    for _ in range(reps + int(warm_up)):
         t0 = time.perf_counter()
         runner.forward(items, greedy=greedy)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    return times[1:]
+    return times[int(warm_up):]
 
 
 @torch.inference_mode()
@@ -150,8 +152,12 @@ def measure_forward_cost(
     def extra_row(batch: tuple[ModelRunner, list[int]], s: int) -> float:
         probe, slots = batch
         plain, more = items(slots, s, 1, context), items(slots, s, 1, context, more=1)
-        diffs = [timed_forwards(probe, more, 1, greedy=True)[0] - timed_forwards(probe, plain, 1, greedy=True)[0]
-                 for _ in range(pairs)]
+        timed_forwards(probe, more, 0, greedy=True)  # this shape's warm-up (the table's warmed `plain`)
+
+        def once(batch_items: list[ForwardItem]) -> float:
+            return timed_forwards(probe, batch_items, 1, greedy=True, warm_up=False)[0]
+
+        diffs = [once(more) - once(plain) for _ in range(pairs)]
         return max(float(np.median(diffs)), 0.0)
 
     near = scratch_batch(seqs[-1], context)
