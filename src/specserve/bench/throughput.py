@@ -7,9 +7,13 @@ in one run on one loaded model:
 
 - `off`: plain decoding;
 - `<drafter>`: that drafter with a fixed draft length (`--num-spec-tokens`);
+- `<drafter>@B`: that drafter with a fixed draft length of B;
 - `<drafter>+load-aware`: the drafter with load-aware draft lengths (per step, the
   lengths that maximise expected tokens per second from a measured forward cost model
-  and per-sequence acceptance estimates; zero when speculation would slow the batch).
+  and per-sequence acceptance estimates; zero when speculation would slow the batch);
+- `oracle:<drafter>[@B]`: an upper bound, not a method: the drafter at its fixed length,
+  its proposals cut to the drafts verification will accept (known from `off`'s outputs,
+  `specserve.bench.oracle`). No policy gets more out of that drafter at that length.
 
 Throughput = generated tokens / wall time of the level (TTFT included). Every level of
 every method runs the same requests in the same order; each (level, method) pair runs
@@ -42,6 +46,7 @@ from specserve.bench.common import (
     select_questions,
     write_record,
 )
+from specserve.bench.oracle import OracleDrafter
 from specserve.equivalence import first_divergence
 from specserve.sampling.params import SamplingParams
 
@@ -50,6 +55,7 @@ LEVELS = (1, 2, 4, 8, 16, 32)
 # Spec-Bench category, so low concurrency is not measured on a few prompts of one category
 MIN_REQUESTS = 26
 LOAD_AWARE = "+load-aware"
+ORACLE = "oracle:"
 
 
 @dataclass
@@ -101,19 +107,38 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
+def split_method(method: str, num_spec_tokens: int) -> tuple[str | None, int | None, bool, bool]:
+    """(spec, fixed draft length, load-aware, oracle) of a checked `--methods` entry."""
+    if method == "off":
+        return None, None, False, False
+    oracle = method.startswith(ORACLE)
+    spec = method.removeprefix(ORACLE)
+    head, _, budget = spec.rpartition("@")
+    if head and budget.isdigit():
+        return head, int(budget), False, oracle
+    adaptive = spec.endswith(LOAD_AWARE)
+    return spec.removesuffix(LOAD_AWARE), num_spec_tokens, adaptive, oracle
+
+
 def parse_methods(text: str) -> list[str]:
     from specserve.spec import SPEC_METHODS, hybrid_error, split_hybrid
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
     for m in methods:
-        base = m.removesuffix(LOAD_AWARE)
-        why = hybrid_error(base)
+        if m == "off":
+            continue
+        spec, budget, adaptive, oracle = split_method(m, 8)
+        if m.startswith(ORACLE) and (adaptive or m == ORACLE + "off"):
+            raise ValueError(f"--methods: {m!r}: an oracle wraps a drafter at a fixed draft length (oracle:DRAFTER[@B])")
+        if budget is not None and not 1 <= budget <= 32:
+            raise ValueError(f"--methods: {m!r}: the draft length after @ must be in [1, 32]")
+        why = hybrid_error(spec)
         if why is not None:
             raise ValueError(f"--methods: {why}")
-        if m != "off" and split_hybrid(base)[1].split(":")[0] not in {name.split(":")[0].split("[")[0] for name in SPEC_METHODS}:
+        if split_hybrid(spec)[1].split(":")[0] not in {name.split(":")[0].split("[")[0] for name in SPEC_METHODS}:
             raise ValueError(
-                f"--methods: unknown method {m!r}; use off, a drafter ({', '.join(SPEC_METHODS)}) "
-                f"or a drafter with {LOAD_AWARE}"
+                f"--methods: unknown method {m!r}; use off, a drafter ({', '.join(SPEC_METHODS)}), "
+                f"a drafter with @LENGTH or {LOAD_AWARE}, or {ORACLE}DRAFTER[@LENGTH]"
             )
     # off first (the reference outputs come from its first run), each method once
     return ["off"] + [m for m in dict.fromkeys(methods) if m != "off"]
@@ -129,8 +154,14 @@ def interleave_categories(prompts: Sequence[Prompt]) -> list[Prompt]:
     return [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]
 
 
+def prompt_index(request_id: str) -> int:
+    """The prompt a `run_level` request id stands for (its position in the level's prompts)."""
+    return int(request_id.split("-")[2])
+
+
 def run_level(llm, prompts: Sequence[Prompt], params: SamplingParams, concurrency: int):
-    """Closed loop at `concurrency` in flight; returns (finished sequences in prompt order, wall s)."""
+    """Closed loop at `concurrency` in flight; returns (finished sequences in prompt order, wall s).
+    Request ids are `tp-{concurrency}-{prompt index}-{ns}` (`prompt_index`)."""
     engine = llm.engine
     pending = list(range(len(prompts)))
     live: dict[int, object] = {}
@@ -222,9 +253,12 @@ def run_throughput_bench(
             # drafts from a global history holding its own earlier run's outputs
             for rep in range(repetitions):
                 for method in methods:
-                    spec = None if method == "off" else method.removesuffix(LOAD_AWARE)
-                    llm.set_spec(spec, num_spec_tokens=None if spec is None else num_spec_tokens,
-                                 adaptive=method.endswith(LOAD_AWARE))
+                    spec, budget, adaptive, oracle = split_method(method, num_spec_tokens)
+                    llm.set_spec(spec, num_spec_tokens=budget, adaptive=adaptive)
+                    if oracle:  # off ran first: its outputs are the truth the proposals are cut to
+                        llm.engine.drafter = OracleDrafter(
+                            llm.engine.drafter, lambda rid, truth=reference: truth[prompt_index(rid)]
+                        )
                     llm.reset_prefix_cache()  # every run prefills its prompts: no method rides on another's cache
                     seqs, wall = run_level(llm, level_prompts, params, level)
                     run = runs[method]
@@ -273,7 +307,7 @@ def format_report(llm, results, methods, levels, max_tokens, num_spec_tokens, re
             ("workload", f"Spec-Bench first turns, chat template, greedy, max {max_tokens} new tokens"),
             ("requests per level", ", ".join(f"{r.requests} at c={r.concurrency}" for r in results if r.method == methods[0])
              + "; categories interleaved, kept `concurrency` in flight"),
-            ("draft length", f"fixed {num_spec_tokens} for plain drafter rows; load-aware rows choose per step"),
+            ("draft length", f"fixed {num_spec_tokens} for drafter rows without @LENGTH; load-aware rows choose per step"),
             ("repetitions", f"{repetitions} (median shown; min in the raw JSONL)"),
             ("peak resident memory", f"{peak_rss_mib():.0f} MiB (KV pool {llm.engine.cache.memory_bytes() / 2**20:.0f} MiB, allocated lazily)"),
             ("run time", f"{elapsed / 60:.1f} min"),
@@ -290,6 +324,11 @@ def format_report(llm, results, methods, levels, max_tokens, num_spec_tokens, re
     for m in methods:
         if m != "off":
             lines.append(f"| {m} | " + " | ".join(f"{by[m, c].median / by['off', c].median:.2f}x" for c in levels) + " |")
+    if any(m.startswith(ORACLE) for m in methods):
+        lines += ["", f"`{ORACLE}` rows are upper bounds, not methods: the drafter at its fixed length, its proposals "
+                  "cut to the drafts verification accepts (known from `off`'s outputs). The drafter runs and is paid "
+                  "in full; no verified row is wasted. A draft-length policy can only verify fewer of these drafts: it "
+                  "can beat the bound by no more than the drafting time a smaller length saves."]
     lines += ["", "### Acceptance length (tokens per target forward) and outputs identical to `off`", ""]
     lines.append("| method | " + " | ".join(f"c={c}" for c in levels) + " |")
     lines.append("|---|" + "---|" * len(levels))
