@@ -243,7 +243,8 @@ def build_parser() -> ArgumentParser:
         help="offline throughput vs. concurrency, speculation off / on / load-aware",
         description="Offline throughput under continuous batching: Spec-Bench first turns (chat template, greedy) "
         "kept C requests in flight at each concurrency level C, for speculation off, each drafter with a fixed "
-        "draft length, and each drafter with load-aware draft lengths (METHOD+load-aware), measured side by side "
+        "draft length, each drafter with load-aware draft lengths (METHOD+load-aware) and oracle upper bounds "
+        "(oracle:DRAFTER[@B]), measured side by side "
         "in one run. Prints tokens/s per level, ratios to speculation off, acceptance length, outputs identical "
         "to off, peak resident memory; writes raw per-request JSONL and the Markdown report to --out.",
     )
@@ -253,7 +254,8 @@ def build_parser() -> ArgumentParser:
         "--methods",
         default="off,ngram,suffix,ngram+load-aware,suffix+load-aware",
         metavar="LIST",
-        help="comma-separated: off, a drafter, or DRAFTER+load-aware (default: off,ngram,suffix,"
+        help="comma-separated: off, a drafter, DRAFTER@B (B drafts), DRAFTER+load-aware, or oracle:DRAFTER[@B] "
+        "(an upper bound: proposals cut to the drafts verification accepts) (default: off,ngram,suffix,"
         "ngram+load-aware,suffix+load-aware)",
     )
     add("--concurrency", default="1,2,4,8,16,32", metavar="LIST", help="levels (default: 1,2,4,8,16,32)")
