@@ -13,7 +13,8 @@ in one run on one loaded model:
   and per-sequence acceptance estimates; zero when speculation would slow the batch);
 - `oracle:<drafter>[@B]`: an upper bound, not a method: the drafter at its fixed length,
   its proposals cut to the drafts verification will accept (known from `off`'s outputs,
-  `specserve.bench.oracle`). No policy gets more out of that drafter at that length.
+  `specserve.bench.oracle`). A draft-length policy over that drafter beats it by no more
+  than the drafting time a smaller length saves.
 
 Throughput = generated tokens / wall time of the level (TTFT included). Every level of
 every method runs the same requests in the same order; each (level, method) pair runs
