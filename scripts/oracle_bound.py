@@ -22,8 +22,7 @@ from collections import defaultdict
 
 from specserve import LLM, SamplingParams
 from specserve.bench.common import build_prompts, select_questions
-from specserve.bench.oracle import OracleDrafter
-from specserve.bench.throughput import ORACLE, interleave_categories, prompt_index, run_level, split_method
+from specserve.bench.throughput import ORACLE, interleave_categories, run_level, use_method
 
 
 def timed_propose(drafter, seconds: dict[str, float]) -> None:
@@ -62,17 +61,11 @@ def main() -> None:
         stats = {m: defaultdict(float) for m in methods}
         for rep in range(args.repetitions):
             for method in methods:
-                spec, budget, adaptive, oracle = split_method(method, None)
-                llm.set_spec(spec, budget, adaptive=adaptive)
-                inner = llm.engine.drafter
-                if oracle:
-                    timed_propose(inner, stats[method])
-                    llm.engine.drafter = OracleDrafter(inner, lambda rid, t=truth: t[prompt_index(rid)])
+                use_method(llm, method, None, truth if truth else None)  # None: each drafter's own length
+                if method.startswith(ORACLE):
+                    timed_propose(llm.engine.drafter.inner, stats[method])
                 llm.reset_prefix_cache()
-                try:
-                    seqs, wall = run_level(llm, prompts, params, c)
-                finally:
-                    llm.engine.drafter = inner
+                seqs, wall = run_level(llm, prompts, params, c)
                 outputs = [list(s.output_ids) for s in seqs]
                 if method == "off" and not truth:
                     truth.update(enumerate(outputs))

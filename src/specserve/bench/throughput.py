@@ -108,7 +108,7 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
-def split_method(method: str, num_spec_tokens: int) -> tuple[str | None, int | None, bool, bool]:
+def split_method(method: str, num_spec_tokens: int | None) -> tuple[str | None, int | None, bool, bool]:
     """(spec, fixed draft length, load-aware, oracle) of a checked `--methods` entry."""
     if method == "off":
         return None, None, False, False
@@ -158,6 +158,17 @@ def interleave_categories(prompts: Sequence[Prompt]) -> list[Prompt]:
 def prompt_index(request_id: str) -> int:
     """The prompt a `run_level` request id stands for (its position in the level's prompts)."""
     return int(request_id.split("-")[2])
+
+
+def use_method(llm, method: str, num_spec_tokens: int | None, truth) -> None:
+    """Install a checked `--methods` entry's drafter and policy. An oracle's proposals are cut
+    to `truth[prompt index]`, the greedy outputs of `off` (`run_level`'s request ids)."""
+    spec, budget, adaptive, oracle = split_method(method, num_spec_tokens)
+    llm.set_spec(spec, num_spec_tokens=budget, adaptive=adaptive)
+    if oracle:
+        if truth is None:
+            raise ValueError(f"{method}: an oracle row needs off's outputs first")
+        llm.engine.drafter = OracleDrafter(llm.engine.drafter, lambda rid: truth[prompt_index(rid)])
 
 
 def run_level(llm, prompts: Sequence[Prompt], params: SamplingParams, concurrency: int):
@@ -254,12 +265,7 @@ def run_throughput_bench(
             # drafts from a global history holding its own earlier run's outputs
             for rep in range(repetitions):
                 for method in methods:
-                    spec, budget, adaptive, oracle = split_method(method, num_spec_tokens)
-                    llm.set_spec(spec, num_spec_tokens=budget, adaptive=adaptive)
-                    if oracle:  # off ran first: its outputs are the truth the proposals are cut to
-                        llm.engine.drafter = OracleDrafter(
-                            llm.engine.drafter, lambda rid, truth=reference: truth[prompt_index(rid)]
-                        )
+                    use_method(llm, method, num_spec_tokens, reference)  # off ran first: reference is set
                     llm.reset_prefix_cache()  # every run prefills its prompts: no method rides on another's cache
                     seqs, wall = run_level(llm, level_prompts, params, level)
                     run = runs[method]
