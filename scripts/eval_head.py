@@ -15,7 +15,9 @@ evaluate, never to train.
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -29,7 +31,8 @@ DEPTHS = 4
 TOPS = (1, 4)
 
 
-def eval_sets(llm) -> dict[str, dict]:
+def eval_sets(llm, feature_layers: list[int]) -> dict[str, dict]:
+    """The answers to both prompt sets, with features that carry every layer a head reads."""
     per_cat: dict[str, list[str]] = {}
     for q in load_questions():
         if len(per_cat.setdefault(q.category, [])) < 2:
@@ -38,32 +41,39 @@ def eval_sets(llm) -> dict[str, dict]:
     out = {}
     for name, prompts in sets.items():
         samples = _generate(llm, prompts, 128, 8, name)
-        feats = target_features(llm.engine.runner.model, [p + o for p, o in samples])
+        feats = target_features(llm.engine.runner.model, [p + o for p, o in samples], feature_layers=feature_layers)
         out[name] = {"tokens": [torch.tensor(p + o) for p, o in samples], "feats": feats,
-                     "response_start": [len(p) for p, _ in samples]}
+                     "response_start": [len(p) for p, _ in samples], "feature_layers": feature_layers}
     return out
 
 
+def path_of(arg: str) -> str:
+    return str(DEFAULT_EAGLE) if arg == "eagle" else arg.removeprefix("eagle:")
+
+
 def load(arg: str, model) -> EagleHead:
-    path = DEFAULT_EAGLE if arg == "eagle" else arg.removeprefix("eagle:")
-    info, state = read_head_dir(path, model, "eagle")
-    head = EagleHead(model.config, int(info["draft_vocab_size"]))
+    info, state = read_head_dir(path_of(arg), model, "eagle")
+    head = EagleHead(model.config, int(info["draft_vocab_size"]), info.get("feature_layers", ()))
     head.load_state_dict(state)
     return head.float().bind(_frozen_target(model)).eval()
 
 
 def accuracy(head: EagleHead, data: dict) -> list[list[float]]:
-    """[depth][top index] share of response tokens guessed."""
+    """[depth][top index] share of response tokens guessed (the data's feature rows may carry
+    more layers than this head reads: it gets its own)."""
+    H = head.config.hidden_size
+    cols = [0] + [1 + data["feature_layers"].index(i) for i in head.feature_layers]
+    data = {**data, "feats": [torch.cat([f[:, c * H : (c + 1) * H] for c in cols], dim=-1) for f in data["feats"]]}
     to_draft = torch.full((head.config.vocab_size,), -100, dtype=torch.long)
     to_draft[head.draft_ids] = torch.arange(len(head.draft_ids))
     hits = torch.zeros(DEPTHS, len(TOPS))
     total = torch.zeros(DEPTHS)
     for start in range(0, len(data["tokens"]), 4):
         idx = list(range(start, min(start + 4, len(data["tokens"]))))
-        tok_in, feat_in, _, label, weight = _batch_tensors(data, idx, to_draft, 1.0)
+        tok_in, feat_in, taps_in, _, label, weight = _batch_tensors(data, idx, to_draft, 1.0, H)
         L = tok_in.shape[1]
         with torch.inference_mode():
-            for depth, (_, logits) in enumerate(unrolled(head, tok_in, feat_in, DEPTHS)):
+            for depth, (_, logits) in enumerate(unrolled(head, tok_in, feat_in, DEPTHS, taps=taps_in)):
                 keep = (weight * (torch.arange(L) >= depth)).reshape(-1).bool()  # a root `depth` rows back
                 lab = label.reshape(-1)[keep]  # -100 (outside the draft vocabulary) is always a miss
                 best = logits[keep].topk(max(TOPS), dim=-1).indices
@@ -76,7 +86,9 @@ def accuracy(head: EagleHead, data: dict) -> list[list[float]]:
 def main(heads: list[str]) -> None:
     llm = LLM(max_num_seqs=8, max_model_len=2048)
     model = llm.engine.runner.model
-    sets = eval_sets(llm)
+    layers = sorted({i for arg in heads for i in json.loads((Path(path_of(arg)) / "config.json").read_text())
+                     .get("feature_layers", [])})
+    sets = eval_sets(llm, layers)
     header = " | ".join(f"depth {d + 1} top-{k}" for d in range(DEPTHS) for k in TOPS)
     for name, data in sets.items():
         print(f"\n{name}: {sum(len(t) - s for t, s in zip(data['tokens'], data['response_start']))} response tokens")

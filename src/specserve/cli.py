@@ -172,6 +172,13 @@ def build_parser() -> ArgumentParser:
     add("--seed", type=_count(0), default=0, metavar="S", help="prompt synthesis and training seed, >= 0 (default: 0)")
     add("--unroll", type=_count(1), metavar="S",
         help="with --kind eagle: drafting depths trained, each on the head's own earlier guesses (default: 3)")
+    add("--feature-layers", metavar="LIST",
+        help="with --kind eagle: comma-separated target layers (0-based) whose outputs the head reads beside the "
+        "final hidden state (EAGLE-3's multi-layer features), e.g. 2,15; a reused data.pt's features are "
+        "recomputed for them (default: none)")
+    add("--init", metavar="DIR",
+        help="with --kind eagle: start from this trained head (its weights and draft vocabulary; 'packaged' for the "
+        "head shipped with specserve) instead of from scratch")
     add("--medusa-heads", type=_count(1), metavar="K", help="with --kind medusa: number of heads (default: 4)")
     add("--medusa-layers", type=_count(1), metavar="L", help="with --kind medusa: residual blocks per head (default: 1)")
     t.set_defaults(func=cmd_train_drafter, parser=t)
@@ -496,8 +503,24 @@ def cmd_train_drafter(parser: ArgumentParser, args: argparse.Namespace) -> int:
     for flag, value in (("--medusa-heads", args.medusa_heads), ("--medusa-layers", args.medusa_layers)):
         if value is not None and args.kind != "medusa":
             parser.error(f"{flag} only applies to --kind medusa")
-    if args.unroll is not None and args.kind != "eagle":
-        parser.error("--unroll only applies to --kind eagle")
+    for flag, value in (("--unroll", args.unroll), ("--feature-layers", args.feature_layers), ("--init", args.init)):
+        if value is not None and args.kind != "eagle":
+            parser.error(f"{flag} only applies to --kind eagle")
+    feature_layers: tuple[int, ...] = ()
+    if args.feature_layers is not None:
+        try:
+            feature_layers = tuple(int(x) for x in args.feature_layers.split(",") if x.strip())
+        except ValueError:
+            parser.error(f"--feature-layers: expected comma-separated layer numbers, got {args.feature_layers!r}")
+        if not feature_layers or min(feature_layers) < 0 or len(set(feature_layers)) != len(feature_layers):
+            parser.error(f"--feature-layers: expected distinct layer numbers >= 0, got {args.feature_layers!r}")
+    init = args.init
+    if init == "packaged":
+        from specserve.spec.eagle import DEFAULT_EAGLE
+
+        init = str(DEFAULT_EAGLE)
+    elif init is not None and not os.path.isdir(init):
+        parser.error(f"--init: not a head directory: {init}")
     from specserve.api import LLM
     from specserve.spec.train import TrainConfig, train_drafter
 
@@ -505,14 +528,19 @@ def cmd_train_drafter(parser: ArgumentParser, args: argparse.Namespace) -> int:
         llm = LLM(args.target, dtype=args.dtype, max_num_seqs=32, max_model_len=2048)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         parser.error(f"--target: cannot load {args.target or 'the default model'}: {exc}")
+    num_layers = llm.engine.runner.model.config.num_layers
+    if feature_layers and max(feature_layers) >= num_layers:
+        parser.error(f"--feature-layers: the target has layers 0..{num_layers - 1}, got {args.feature_layers!r}")
     cfg = TrainConfig(prompts=args.prompts, self_instruct=args.self_instruct, max_tokens=args.max_tokens, epochs=args.epochs,
                       batch_size=args.batch_size, lr=float(args.lr), draft_vocab=args.draft_vocab, seed=args.seed,
                       kind=args.kind, medusa_heads=args.medusa_heads or 4, medusa_layers=args.medusa_layers or 1,
-                      unroll=args.unroll or 3)
+                      unroll=args.unroll or 3, feature_layers=feature_layers, init=init)
     try:
         out = train_drafter(llm, args.out, cfg, log=lambda line: print(line, file=sys.stderr))
     except ValueError as exc:
-        flag = "--out" if "checkpoint" in str(exc) else "--target"
+        msg = str(exc)
+        flag = ("--out" if "checkpoint" in msg else "--feature-layers" if "feature layers" in msg
+                else "--init" if init is not None and init in msg else "--target")
         parser.error(f"{flag}: {_one_line(exc)}")
     print(out)
     return 0

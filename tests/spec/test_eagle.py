@@ -44,8 +44,23 @@ def random_head_dir(llm_fp32, tmp_path_factory):
     return str(out)
 
 
-def _features(llm, ids: list[int]) -> torch.Tensor:
-    """The target's final hidden states of every position of `ids`."""
+@pytest.fixture(scope="module")
+def layered_head_dir(llm_fp32, tmp_path_factory):
+    """An untrained head (seeded) that reads two target layers beside the final hidden state,
+    with a random (not zero) fuse, so the layers' part changes every draft."""
+    torch.manual_seed(1)
+    model = llm_fp32.engine.runner.model
+    head = EagleHead(model.config, 2048, feature_layers=(2, 15))
+    head.draft_ids.copy_(torch.randperm(model.config.vocab_size)[:2048].sort().values)
+    with torch.no_grad():
+        head.fuse.weight.normal_(0, 0.05)
+    out = tmp_path_factory.mktemp("eagle-layered")
+    save_head(head, out, {"target": "test"})
+    return str(out)
+
+
+def _features(llm, ids: list[int], feature_layers=()) -> torch.Tensor:
+    """The target's final hidden states of every position of `ids` (then those layers' outputs)."""
     from specserve.cache.kv_cache import KVCache
     from specserve.engine.runner import ModelRunner
 
@@ -53,21 +68,60 @@ def _features(llm, ids: list[int]) -> torch.Tensor:
     cfg = model.config
     cache = KVCache(cfg.num_layers, 1, len(ids) + 1, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device)
     runner = ModelRunner(model, cache)
-    _, hidden = runner.forward([ForwardItem(cache.allocate(), 0, ids, logits_from=None)], all_hidden=True)
+    _, hidden = runner.forward([ForwardItem(cache.allocate(), 0, ids, logits_from=None)], all_hidden=True,
+                               feature_layers=feature_layers)
     return hidden
 
 
-def test_tree_drafts_match_the_training_forward(llm_fp32, random_head_dir):
+@pytest.mark.parametrize("llm_fixture", ["llm_fp32", "llm_bf16"])
+def test_feature_layers_are_those_layers_outputs(llm_fixture, request):
+    """With feature layers the runner's hidden rows are the final hidden state, then each
+    listed layer's output in the order asked: the last layer's output, normed, is the final
+    hidden state; a layer the forward skips is an error, not a silent zero."""
+    llm = request.getfixturevalue(llm_fixture)
+    model = llm.engine.runner.model
+    H, last = model.config.hidden_size, model.config.num_layers - 1
+    ids = llm.chat_prompt([{"role": "user", "content": PROMPTS[1]}])
+    plain = _features(llm, ids)
+    wide = _features(llm, ids, (last, 3))
+    assert wide.shape == (len(ids), 3 * H)
+    assert torch.equal(wide[:, :H], plain)
+    norm = model.native.norm if model.native is not None else (lambda x, n: n(x))
+    torch.testing.assert_close(norm(wide[:, H : 2 * H], model.norm), plain, rtol=0, atol=0)
+    assert not torch.equal(wide[:, 2 * H :], wide[:, H : 2 * H])
+    # the layers' outputs come with the features only when a drafter reads every row
+    from specserve.cache.kv_cache import KVCache
+    from specserve.engine.runner import ModelRunner
+
+    cfg = model.config
+    cache = KVCache(cfg.num_layers, 2, len(ids) + 1, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device)
+    runner = ModelRunner(model, cache)
+    _, picked = runner.forward([ForwardItem(cache.allocate(), 0, ids)], feature_layers=(3,))
+    assert picked.shape == (1, H)
+    skip = [True] * cfg.num_layers
+    skip[3] = False
+    with pytest.raises(ValueError, match=r"feature layers \[3\] did not run"):
+        runner.forward([ForwardItem(cache.allocate(), 0, ids, logits_from=None)], skip, all_hidden=True,
+                       feature_layers=(3,))
+
+
+@pytest.mark.parametrize("head_fixture", ["random_head_dir", "layered_head_dir"])
+def test_tree_drafts_match_the_training_forward(llm_fp32, head_fixture, request):
     """The drafter's cached, tree-masked forwards give the same predictions as the head's
-    plain causal forward over the same path (positions, features and masks line up)."""
+    plain causal forward over the same path (positions, features and masks line up); for a
+    head that reads several target layers, the real rows carry them and draft rows do not."""
     llm = llm_fp32
     model = llm.engine.runner.model
-    head = load_head(random_head_dir, model)
+    head = load_head(request.getfixturevalue(head_fixture), model)
     drafter = EagleDrafter(head, num_slots=2, max_len=256, top_k=3, depth=3)
     ids = llm.chat_prompt([{"role": "user", "content": PROMPTS[0]}])
-    feats = _features(llm, ids)
+    wide = _features(llm, ids, head.feature_layers)
     n = len(ids) - 1  # the last prompt token plays the bonus token: not yet "in the target's cache"
-    drafter.take_hidden("r", 0, feats[:n])
+    drafter.take_hidden("r", 0, wide[:n])
+    with torch.inference_mode():
+        feats = head.fused(wide)  # what the head reads at the real positions
+    if head.feature_layers:
+        assert not torch.allclose(feats, wide[:, : model.config.hidden_size])
     view = SequenceView("r", list(ids), n, SamplingParams(), slot=1)
     proposal = drafter.propose([view], [20])
     tokens, parents = proposal.token_ids[0], proposal.parents[0]
@@ -202,12 +256,13 @@ def _eagle_outputs(llm, head_dir, prompts, params, k=10):
     return generate_with(llm, f"eagle:{head_dir}", prompts, params, k)
 
 
-def test_untrained_head_is_still_lossless(llm_exact, random_head_dir):
+@pytest.mark.parametrize("spec", ["eagle:{random}", "eagle:{layered}", "ngram+eagle:{layered}"])
+def test_untrained_head_is_still_lossless(llm_exact, random_head_dir, layered_head_dir, spec):
     llm = llm_exact
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS[:3]]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     plain = llm.generate(prompts, params)
-    out = _eagle_outputs(llm, random_head_dir, prompts, params)
+    out = generate_with(llm, spec.format(random=random_head_dir, layered=layered_head_dir), prompts, params, 10)
     for p, o in zip(plain, out):
         assert o.token_ids == p.token_ids
         assert o.metrics.drafted_tokens > 0
@@ -332,6 +387,27 @@ def test_train_drafter_end_to_end(llm_exact, tmp_path):
     # a checkpoint trained with other unrolled steps is not resumed into a mixed objective
     with pytest.raises(ValueError, match="trained with unroll 3, this run trains with unroll 2"):
         train_eagle(llm_exact, out, replace(cfg, self_instruct=2, unroll=2), log=lines.append)
+    # a head that reads two more target layers, started from the first one: the cached data's
+    # features are recomputed with the layers' outputs, and the new head starts as the old one
+    layered = tmp_path / "layered"
+    layered.mkdir()
+    (layered / "data.pt").write_bytes((out / "data.pt").read_bytes())
+    lines.clear()
+    grown = replace(cfg, self_instruct=4, feature_layers=(2, 15), init=str(out), epochs=1)
+    with torch.no_grad():
+        old = load_head(out, llm.engine.runner.model)
+    train_eagle(llm_exact, layered, grown, log=lines.append)
+    assert any("features recomputed with layers [2, 15]" in line for line in lines)
+    data = torch.load(layered / "data.pt", weights_only=False)
+    H = llm.engine.runner.model.config.hidden_size
+    assert data["feature_layers"] == [2, 15] and data["feats"][0].shape[1] == 3 * H
+    assert all(torch.equal(a[:, :H], b) for a, b in zip(data["feats"], after["feats"]))
+    new = load_head(layered, llm.engine.runner.model)
+    assert new.feature_layers == (2, 15) and torch.equal(new.draft_ids, old.draft_ids)
+    assert json.loads((layered / "config.json").read_text())["feature_layers"] == [2, 15]
+    assert _eagle_outputs(llm, layered, prompts, params)[0].token_ids == llm.generate(prompts, params)[0].token_ids
+    with pytest.raises(ValueError, match="trained with feature_layers"):
+        train_eagle(llm_exact, layered, replace(grown, feature_layers=(3,)), log=lines.append)
 
 
 def test_self_instruct_requests_are_filtered():
@@ -374,6 +450,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         (["train-drafter", "--out", "x", "--self-instruct", "-5"], "--self-instruct"),
         (["train-drafter", "--out", "x", "--unroll", "0"], "--unroll"),
         (["train-drafter", "--out", "x", "--kind", "medusa", "--unroll", "2"], "--unroll only applies to --kind eagle"),
+        (["train-drafter", "--out", "x", "--kind", "medusa", "--feature-layers", "2"],
+         "--feature-layers only applies to --kind eagle"),
+        (["train-drafter", "--out", "x", "--feature-layers", "2,x"], "--feature-layers: expected comma-separated"),
+        (["train-drafter", "--out", "x", "--feature-layers", "2,2"], "--feature-layers: expected distinct"),
+        (["train-drafter", "--out", "x", "--feature-layers", "99"], "--feature-layers: the target has layers 0..29"),
+        (["train-drafter", "--out", "x", "--init", "/nonexistent"], "--init: not a head directory"),
         (["generate", "--spec", "eagle:/nonexistent", "hi"], "eagle head directory does not exist"),
     ],
 )

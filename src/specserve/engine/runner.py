@@ -3,6 +3,7 @@ greedy tokens) of the rows asked for."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ class ModelRunner:
         layer_mask: list[bool] | None = None,
         all_hidden: bool = False,
         greedy: bool = False,
+        feature_layers: Sequence[int] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the target over all items; K/V land in the cache at each item's cache_start.
 
@@ -47,7 +49,10 @@ class ModelRunner:
         (a trained drafter reads the target's features). With `greedy` the first value is
         each requested row's argmax token `[R]` int64 instead of its logits
         (`DecoderModel.greedy_tokens`: the native head computes them without writing
-        logits). The caller commits cache lengths once it knows what was accepted.
+        logits). With `feature_layers` (and `all_hidden`), each hidden row is followed by
+        the outputs of those target layers, `[T, hidden * (1 + len(feature_layers))]`: the
+        features of an EAGLE head that reads several layers. The caller commits cache lengths
+        once it knows what was accepted.
         """
         ids: list[int] = []
         positions: list[int] = []
@@ -73,9 +78,19 @@ class ModelRunner:
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, pos, meta, self.cache, layer_mask)
+        taps: dict[int, torch.Tensor | None] | None = dict.fromkeys(feature_layers) if all_hidden and feature_layers else None
+        hidden = self.model(input_ids, pos, meta, self.cache, layer_mask, taps)
         head = self.model.greedy_tokens if greedy else self.model.compute_logits
         if len(rows) == len(ids):
-            return head(hidden), hidden
-        picked = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
-        return head(picked), hidden if all_hidden else picked
+            out = head(hidden)
+        else:
+            picked = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
+            out = head(picked)
+            if not all_hidden:
+                return out, picked
+        if taps:
+            missing = [i for i, t in taps.items() if t is None]
+            if missing:
+                raise ValueError(f"feature layers {missing} did not run (skipped or past the model's layers)")
+            hidden = torch.cat([hidden, *(taps[i].to(hidden.dtype) for i in feature_layers)], dim=-1)
+        return out, hidden

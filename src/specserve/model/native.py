@@ -496,9 +496,11 @@ class NativeDecoder:
         k_pools: list[torch.Tensor],
         v_pools: list[torch.Tensor],
         layer_mask: list[bool] | None,
+        taps: dict[int, torch.Tensor | None] | None = None,
     ) -> bool:
         """Run every (unskipped) layer natively; False (x untouched) when this forward does
-        not qualify (training batches without a KV cache, a pool that is not bf16)."""
+        not qualify (training batches without a KV cache, a pool that is not bf16). `taps`
+        as in `DecoderModel.forward`: the listed layers' outputs are copied into it."""
         if not isinstance(meta, AttentionMetadata):
             return False
         pool = k_pools[0]
@@ -542,6 +544,8 @@ class NativeDecoder:
             layer.ptrs[8] = v_pools[i].data_ptr()
             if self.lib.ss_layer(layer.ptrs, *args) != 0:
                 raise RuntimeError("native layer rejected its shapes")  # supports() rules these out
+            if taps is not None and i in taps:
+                taps[i] = x.clone()
         return True
 
 

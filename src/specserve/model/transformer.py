@@ -47,15 +47,19 @@ class DecoderModel(nn.Module):
         meta: AttentionMetadata,
         cache: KVCache,
         layer_mask: list[bool] | None = None,
+        taps: dict[int, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:  # [T, hidden] after the final norm
         """Run the flattened batch through the stack; writes K/V into `cache`.
 
         `layer_mask[i] = False` skips layer i (self-speculation drafts with a subset).
+        `taps` maps layer indices to None; each is set to a copy of that layer's output
+        `[T, hidden]` (the residual stream, before any norm), the features an EAGLE head
+        with `feature_layers` reads beside the final hidden state.
         """
         x = self.embed_tokens(input_ids)
         if self.config.embed_scale is not None:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
-        if self.native is not None and self.native.run(x, positions, meta, cache.k, cache.v, layer_mask):
+        if self.native is not None and self.native.run(x, positions, meta, cache.k, cache.v, layer_mask, taps):
             return self.native.norm(x, self.norm)
         cos, sin = self.rope.lookup(positions, x.dtype)
         if self.local_rope is not None:
@@ -67,6 +71,8 @@ class DecoderModel(nn.Module):
                 x = layer(x, lcos, lsin, meta, cache.k[i], cache.v[i])
             else:
                 x = layer(x, cos, sin, meta, cache.k[i], cache.v[i])
+            if taps is not None and i in taps:
+                taps[i] = x.clone()
         return self.norm(x)
 
     def num_parameters(self) -> int:

@@ -52,14 +52,27 @@ class EagleHead(nn.Module):
 
     The target's embeddings, rotary table and LM head rows are borrowed (`bind`), not
     stored: the saved head is the fc, the layer, the norm and the draft vocabulary.
+
+    With `feature_layers` (EAGLE-3's idea of reading several target layers) the real
+    features also carry those layers' outputs, `[T, hidden * (1 + n)]`: each is
+    RMS-normed and a linear `fuse` (zero at the start of training) adds them to f_i. Deeper
+    draft steps feed the head's own predictions, `[T, hidden]`, which have no such part.
     """
 
     kind = "eagle"
 
-    def __init__(self, cfg: ModelConfig, draft_vocab_size: int) -> None:
+    def __init__(self, cfg: ModelConfig, draft_vocab_size: int, feature_layers: Seq[int] = ()) -> None:
         super().__init__()
         hidden = cfg.hidden_size
         self.config = cfg
+        self.feature_layers = tuple(int(i) for i in feature_layers)
+        bad = [i for i in self.feature_layers if not 0 <= i < cfg.num_layers]
+        if bad or len(set(self.feature_layers)) != len(self.feature_layers):
+            raise ValueError(f"feature layers must be distinct layers of the target (0..{cfg.num_layers - 1}), "
+                             f"got {list(self.feature_layers)}")
+        if self.feature_layers:
+            self.tap_norms = nn.ModuleList(RMSNorm(hidden, cfg.rms_norm_eps) for _ in self.feature_layers)
+            self.fuse = nn.Linear(len(self.feature_layers) * hidden, hidden, bias=False)
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
         self.layer = DecoderLayer(cfg, sliding=False)
         self.norm = RMSNorm(hidden, cfg.rms_norm_eps)
@@ -79,7 +92,7 @@ class EagleHead(nn.Module):
     def forward(
         self,
         token_ids: torch.Tensor,  # [T]
-        feats: torch.Tensor,  # [T, hidden]
+        feats: torch.Tensor,  # [T, hidden], or [T, hidden * (1 + n)] real features with feature_layers
         positions: torch.Tensor,  # [T]
         meta: Any,  # AttentionMetadata (drafting) or CausalBatch (training)
         k_pool: torch.Tensor | None = None,
@@ -89,17 +102,32 @@ class EagleHead(nn.Module):
         x = target.embed_tokens(token_ids)
         if self.config.embed_scale is not None:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
-        x = self.fc(torch.cat([x, feats.to(x.dtype)], dim=-1))
+        feats = self.fused(feats.to(x.dtype))
+        x = self.fc(torch.cat([x, feats], dim=-1))
         if self.native is not None and self.native.run(x, positions, meta, [k_pool], [v_pool], None):
             return self.native.norm(x, self.norm)
         cos, sin = target.rope.lookup(positions, x.dtype)
         return self.norm(self.layer(x, cos, sin, meta, k_pool, v_pool))
 
+    def fused(self, feats: torch.Tensor) -> torch.Tensor:
+        """`[T, hidden]` features as they are; real features with the feature layers' part
+        `[T, hidden * (1 + n)]` -> f_i + fuse(normed layer outputs) `[T, hidden]`."""
+        hidden = self.config.hidden_size
+        if feats.shape[-1] == hidden:
+            return feats
+        if not self.feature_layers or feats.shape[-1] != hidden * (1 + len(self.feature_layers)):
+            raise ValueError(f"features of width {feats.shape[-1]} for a head that reads layers "
+                             f"{list(self.feature_layers)} of width {hidden}")
+        parts = feats.split(hidden, dim=-1)
+        normed = torch.cat([norm(part) for norm, part in zip(self.tap_norms, parts[1:])], dim=-1)
+        return parts[0] + self.fuse(normed)
+
     def logits(self, feats: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, draft vocab] fp32
         return draft_logits(feats, self._draft_weight, self._draft_native)
 
     def config_entries(self) -> dict[str, Any]:
-        return {}  # the target's shapes are all it needs
+        # the target's shapes are all else it needs
+        return {"feature_layers": list(self.feature_layers)} if self.feature_layers else {}
 
 
 def save_head(head: EagleHead, out_dir: str | os.PathLike[str], meta: dict[str, Any]) -> None:
@@ -109,7 +137,10 @@ def save_head(head: EagleHead, out_dir: str | os.PathLike[str], meta: dict[str, 
 def load_head(path: str | os.PathLike[str], target: nn.Module) -> EagleHead:
     """Load a head saved by `save_head` for this target (checked against its shapes)."""
     info, state = read_head_dir(path, target, "eagle")
-    head = EagleHead(target.config, int(info["draft_vocab_size"]))
+    try:
+        head = EagleHead(target.config, int(info["draft_vocab_size"]), info.get("feature_layers", ()))
+    except ValueError as exc:
+        raise ValueError(f"eagle:{path}: {exc}") from None
     head.load_state_dict(state)
     return finish_load(head, target, info)
 
@@ -133,7 +164,7 @@ class _Entry:
     start: int  # cache index (within the slot's region, counted from `first`) of the first new row
     read_from: int  # the slot region's first read index in the pool
     token_ids: list[int]
-    feats: torch.Tensor  # [n, hidden]
+    feats: torch.Tensor  # [n, hidden]; real features with the feature layers' part are wider
     positions: list[int]
     mask: torch.Tensor | None  # [n, start + n] or None (causal)
 
@@ -174,6 +205,7 @@ class EagleDrafter:
         self.k_pool = torch.zeros(shape, dtype=dtype, device=device)
         self.v_pool = torch.zeros(shape, dtype=dtype, device=device)
         self.draft_ids = head.draft_ids.tolist()
+        self.feature_layers = head.feature_layers  # target layers whose outputs come with the features
         self._state: dict[str, _State] = {}
 
     # ------------------------------------------------------------------ features

@@ -47,6 +47,7 @@ class HybridDrafter:
         self.min_match = min_match
         self.name = f"{retrieval.name}+{model.name}"
         self.wants_hidden = bool(getattr(model, "wants_hidden", False))
+        self.feature_layers = tuple(getattr(model, "feature_layers", ()))
         self.copied_steps = 0  # sequence-steps proposed from a strong match alone
         self.model_steps = 0  # sequence-steps the model drafter proposed for
 

@@ -40,7 +40,7 @@ from torch import nn
 from specserve.model import native
 from specserve.model.layers import UnrolledBatch
 from specserve.spec.eagle import EagleHead, save_head
-from specserve.spec.heads import lm_head_weight
+from specserve.spec.heads import lm_head_weight, read_head_dir
 
 TOPICS = (
     "volcanoes", "honeybees", "the printing press", "solar panels", "coral reefs", "the Roman roads", "jazz",
@@ -299,6 +299,8 @@ class TrainConfig:
     noise: float = 0.1  # std of the noise on input features, relative to their std
     cls_weight: float = 0.1
     unroll: int = 3  # training-time test: depths 2.. read the head's own guesses, attend as drafting does
+    feature_layers: tuple[int, ...] = ()  # EAGLE: target layers read beside the final hidden state (EAGLE-3)
+    init: str | None = None  # EAGLE: start from this head directory (its draft vocabulary), not from scratch
     seed: int = 0
     batch_generate: int = 32  # requests in flight while generating the data
     kind: str = "eagle"  # eagle | medusa
@@ -400,10 +402,13 @@ FEATURE_TOKENS = 4096  # most tokens per forward while computing the features
 KV_BLOCK_SIZE = 16
 
 
-def target_features(model, samples: list[list[int]], max_tokens: int = FEATURE_TOKENS) -> list[torch.Tensor]:
+def target_features(
+    model, samples: list[list[int]], max_tokens: int = FEATURE_TOKENS, feature_layers: Sequence[int] = ()
+) -> list[torch.Tensor]:
     """The target's final hidden rows `[len(ids), hidden]` (bf16, on the CPU) of every token of
-    each sample, several samples per forward (up to `max_tokens` tokens). The native layers are
-    row-invariant, so a sample's features are exactly those of a forward over it alone."""
+    each sample, several samples per forward (up to `max_tokens` tokens); with `feature_layers`,
+    each row is followed by those layers' outputs (`[len(ids), hidden * (1 + n)]`). The native
+    layers are row-invariant, so a sample's features are exactly those of a forward over it alone."""
     from specserve.cache.kv_cache import KVCache, KVCacheFull
     from specserve.engine.runner import ForwardItem, ModelRunner
 
@@ -429,7 +434,7 @@ def target_features(model, samples: list[list[int]], max_tokens: int = FEATURE_T
             if not scratch.ensure(slot, len(samples[i])):  # the pool is sized for a whole group
                 raise KVCacheFull(f"no KV blocks for a {len(samples[i])}-token sample")
         items = [ForwardItem(slot, 0, samples[i], logits_from=None) for slot, i in zip(slots, group)]
-        _, hidden = runner.forward(items, all_hidden=True)
+        _, hidden = runner.forward(items, all_hidden=True, feature_layers=feature_layers)
         hidden = hidden.to(torch.bfloat16).cpu()
         row = 0
         for i in group:
@@ -459,12 +464,15 @@ def build_data(llm, cfg: TrainConfig) -> dict[str, Any]:
             passage=passage, passage2=other, topic=rng.choice(TOPICS), lang=rng.choice(LANGUAGES)
         ))
     samples += _generate(llm, extra, cfg.max_tokens, cfg.batch_generate, "passages")
-    return _samples_data(llm, samples, started)
+    return _samples_data(llm, samples, started, cfg.feature_layers)
 
 
-def _samples_data(llm, samples: list[tuple[list[int], list[int]]], started: float) -> dict[str, Any]:
-    feats = target_features(llm.engine.runner.model, [p + o for p, o in samples])
+def _samples_data(
+    llm, samples: list[tuple[list[int], list[int]]], started: float, feature_layers: Sequence[int] = ()
+) -> dict[str, Any]:
+    feats = target_features(llm.engine.runner.model, [p + o for p, o in samples], feature_layers=feature_layers)
     return {
+        "feature_layers": list(feature_layers),
         "tokens": [torch.tensor(p + o, dtype=torch.int32) for p, o in samples], "feats": feats,
         "response_start": [len(p) for p, _ in samples], "num_prompts": len(samples),
         "seconds": time.time() - started, "self_instruct": 0, "self_instruct_prompts": [],
@@ -488,7 +496,7 @@ def extend_self_instruct(llm, data: dict[str, Any], cfg: TrainConfig) -> dict[st
     prompts = self_instruct_prompts(llm, want, seed=cfg.seed + 101 * (have + 1), batch=cfg.batch_generate,
                                     exclude=earlier)
     part = _samples_data(llm, _generate(llm, prompts, cfg.max_tokens, cfg.batch_generate, "self-instruct answers"),
-                         started)
+                         started, data.get("feature_layers", ()))
     return {
         **data, "tokens": data["tokens"] + part["tokens"], "feats": data["feats"] + part["feats"],
         "response_start": data["response_start"] + part["response_start"],
@@ -546,27 +554,34 @@ def _batches(data: dict[str, Any], batch_size: int, rng: random.Random) -> list[
     return batches
 
 
-def _batch_tensors(data, idx: list[int], to_draft: torch.Tensor, feat_std: float):
+def _batch_tensors(data, idx: list[int], to_draft: torch.Tensor, feat_std: float, hidden: int):
+    """(next tokens, final features / feat_std, the feature layers' outputs or None, next final
+    features / feat_std, labels, loss weights) of the samples `idx`, padded to one length."""
     L = max(len(data["tokens"][i]) for i in idx) - 1  # inputs i = 0..L-1 predict position i + 1
     B = len(idx)
-    H = data["feats"][0].shape[1]
+    H = hidden
+    wide = data["feats"][0].shape[1]
     tok_in = torch.zeros(B, L, dtype=torch.long)
     feat_in = torch.zeros(B, L, H)
+    taps_in = torch.zeros(B, L, wide - H) if wide > H else None
     feat_next = torch.zeros(B, L, H)
     label = torch.full((B, L), -100, dtype=torch.long)
     weight = torch.zeros(B, L)
     for b, i in enumerate(idx):
-        ids, f, start = data["tokens"][i].long(), data["feats"][i].float() / feat_std, data["response_start"][i]
+        ids, rows, start = data["tokens"][i].long(), data["feats"][i], data["response_start"][i]
+        f = rows[:, :H].float() / feat_std
         n = len(ids) - 1
         tok_in[b, :n] = ids[1:]
         feat_in[b, :n] = f[:-1]
         feat_next[b, :n] = f[1:]
+        if taps_in is not None:
+            taps_in[b, :n] = rows[:-1, H:].float()
         # the head at input i predicts the token at i + 2; train where that token is a response token
         lab = to_draft[ids[2:]]
         keep = torch.arange(2, len(ids)) >= start
         label[b, : n - 1] = torch.where(keep, lab, torch.full_like(lab, -100))
         weight[b, : n - 1] = keep.float()
-    return tok_in, feat_in, feat_next, label, weight
+    return tok_in, feat_in, taps_in, feat_next, label, weight
 
 
 @dataclass
@@ -604,6 +619,14 @@ def _prepare(llm, out: Path, cfg: TrainConfig, log) -> Prepared:
         got = data["self_instruct"] - have
         short = f"; only {got} of {want} asked passed the filter" if got < want else ""
         log(f"data: extended to {data['num_prompts']} samples ({data['self_instruct']} self-instruct prompts{short})")
+    if list(data.get("feature_layers", ())) != list(cfg.feature_layers):
+        t0 = time.time()
+        feats = target_features(llm.engine.runner.model, [t.tolist() for t in data["tokens"]],
+                                feature_layers=cfg.feature_layers)
+        data = {**data, "feats": feats, "feature_layers": list(cfg.feature_layers),
+                "features_minutes": round((time.time() - t0) / 60, 1)}
+        _save_atomic(data, data_path)
+        log(f"data: features recomputed with layers {list(cfg.feature_layers)} in {(time.time() - t0) / 60:.1f} min")
     counts = response_counts(data, mcfg.vocab_size)
     draft_ids = draft_vocabulary(counts, cfg.draft_vocab, sorted(llm.engine.eos_ids))
     to_draft = torch.full((mcfg.vocab_size,), -100, dtype=torch.long)
@@ -619,7 +642,8 @@ def _prepare(llm, out: Path, cfg: TrainConfig, log) -> Prepared:
         "draft_vocab_coverage": round(coverage, 4),
         "data_minutes": round(data["seconds"] / 60, 1),
     }
-    feat_std = float(torch.cat([f[:64].float() for f in data["feats"]]).std())
+    hidden = mcfg.hidden_size  # the final hidden state comes first in each feature row
+    feat_std = float(torch.cat([f[:64, :hidden].float() for f in data["feats"]]).std())
     return Prepared(data, draft_ids, to_draft, feat_std, stats)
 
 
@@ -679,10 +703,14 @@ def train_drafter(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path
     raise ValueError(f"unknown head kind {cfg.kind!r}; choose eagle or medusa")
 
 
-def unrolled(head: EagleHead, tok_in: torch.Tensor, feats: torch.Tensor, steps: int, bf16: bool = False):
+def unrolled(
+    head: EagleHead, tok_in: torch.Tensor, feats: torch.Tensor, steps: int, bf16: bool = False,
+    taps: torch.Tensor | None = None,
+):
     """Yield (predicted features [B, L, H] fp32, draft logits [B * L, V] fp32) for steps
     0..steps-1 of the head unrolled over `tok_in` [B, L] and the real features `feats`
-    [B, L, H]: step 0 reads the real features; step s reads, at row i, the feature its step
+    [B, L, H] (with `taps` [B, L, n * H], the feature layers' outputs, for a head that reads
+    them): step 0 reads the real features; step s reads, at row i, the feature its step
     s - 1 predicted at row i - 1, and attends as drafting's depth s + 1 does: to the real
     context up to the root, row i - s, then to its own draft ancestors (`UnrolledBatch`).
     Row i of step s is the guess of the token after `tok_in[i]`, drafted s tokens after the
@@ -690,14 +718,14 @@ def unrolled(head: EagleHead, tok_in: torch.Tensor, feats: torch.Tensor, steps: 
     B, L, H = feats.shape
     pos = torch.arange(L).repeat(B)
     meta = UnrolledBatch(B, L)
-    fed = feats
+    fed = feats if taps is None else torch.cat([feats, taps], dim=-1)
     for _ in range(steps):
         with torch.autocast(feats.device.type, dtype=torch.bfloat16, enabled=bf16):
-            pred = head(tok_in.reshape(-1), fed.reshape(-1, H), pos, meta).reshape(B, L, H)
+            pred = head(tok_in.reshape(-1), fed.reshape(B * L, -1), pos, meta).reshape(B, L, H)
             logits = head.logits(pred.reshape(-1, H))
         pred = pred.float()
         yield pred, logits.float()
-        fed = torch.cat([fed[:, :1], pred[:, :-1]], dim=1)
+        fed = torch.cat([fed[:, :1, :H], pred[:, :-1]], dim=1)
 
 
 def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
@@ -708,18 +736,36 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     model = llm.engine.runner.model
     mcfg = model.config
 
-    head = EagleHead(mcfg, len(draft_ids))
+    hidden = mcfg.hidden_size
+    if cfg.init is not None:  # go on from a trained head: its weights and its draft vocabulary
+        info, state = read_head_dir(cfg.init, model, "eagle")
+        start = EagleHead(mcfg, int(info["draft_vocab_size"]), info.get("feature_layers", ()))
+        start.load_state_dict(state)
+        draft_ids = start.draft_ids.long()
+        to_draft = torch.full((mcfg.vocab_size,), -100, dtype=torch.long)
+        to_draft[draft_ids] = torch.arange(len(draft_ids))
+        coverage = float(response_counts(data, mcfg.vocab_size)[draft_ids].sum()) / max(
+            sum(len(t) - s for t, s in zip(data["tokens"], data["response_start"])), 1)
+        prep.stats = {**prep.stats, "draft_vocab_coverage": round(coverage, 4), "init": str(cfg.init)}
+    head = EagleHead(mcfg, len(draft_ids), cfg.feature_layers)
     head.draft_ids.copy_(draft_ids)
-    # start the layer from the target's last one where its weights are plain tensors
-    own = head.layer.state_dict()
-    last = {k: v.float() for k, v in model.layers[-1].state_dict().items() if k in own and own[k].shape == v.shape}
-    head.layer.load_state_dict(last, strict=False)
-    with torch.no_grad():
-        hidden = mcfg.hidden_size
-        head.fc.weight.zero_()
-        head.fc.weight[:, hidden:] = torch.eye(hidden) / feat_std  # start from the feature itself
-        head.fc.weight[:, :hidden] = torch.randn(hidden, hidden) * 0.01
-        head.fc.bias.zero_()
+    if cfg.init is not None:
+        kept = {k: v for k, v in state.items() if not k.startswith(("fuse.", "tap_norms."))
+                or start.feature_layers == head.feature_layers}
+        head.load_state_dict(kept, strict=False)
+    else:
+        # start the layer from the target's last one where its weights are plain tensors
+        own = head.layer.state_dict()
+        last = {k: v.float() for k, v in model.layers[-1].state_dict().items() if k in own and own[k].shape == v.shape}
+        head.layer.load_state_dict(last, strict=False)
+        with torch.no_grad():
+            head.fc.weight.zero_()
+            head.fc.weight[:, hidden:] = torch.eye(hidden) / feat_std  # start from the feature itself
+            head.fc.weight[:, :hidden] = torch.randn(hidden, hidden) * 0.01
+            head.fc.bias.zero_()
+    if head.feature_layers and (cfg.init is None or start.feature_layers != head.feature_layers):
+        with torch.no_grad():
+            head.fuse.weight.zero_()  # the layers' part starts silent: the head starts as one without it
     head = head.float()
     head.bind(_frozen_target(model))
     params = [p for p in head.parameters() if p.requires_grad]
@@ -729,7 +775,12 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     per_epoch = len(_batches(data, cfg.batch_size, random.Random(0)))
     opt, sched = _optimizer(params, cfg, cfg.epochs * per_epoch)
     # unrolled steps that attend as drafting does (a checkpoint without this recipe predates them)
-    ckpt = _Checkpoints(out, head, opt, sched, log, {"unroll": cfg.unroll, "attention": "drafting"})
+    recipe = {"unroll": cfg.unroll, "attention": "drafting"}
+    if cfg.feature_layers:
+        recipe["feature_layers"] = list(cfg.feature_layers)
+    if cfg.init is not None:
+        recipe["init"] = str(cfg.init)
+    ckpt = _Checkpoints(out, head, opt, sched, log, recipe)
     if ckpt.rng_state is not None:
         rng.setstate(ckpt.rng_state)
     spent = ckpt.seconds
@@ -739,13 +790,14 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
         stats = [0.0, 0.0, 0.0, 0]  # feature loss, token loss, top-1 hits, tokens
         bar = _progress(_batches(data, cfg.batch_size, rng), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
         for idx in bar:
-            tok_in, feat_in, feat_next, label, weight = _batch_tensors(data, idx, to_draft, feat_std)
+            tok_in, feat_in, taps_in, feat_next, label, weight = _batch_tensors(data, idx, to_draft, feat_std, hidden)
             _, L, H = feat_in.shape
-            noisy = feat_in + torch.randn_like(feat_in) * cfg.noise
+            noisy = feat_in + torch.randn_like(feat_in) * cfg.noise  # the layers' part is exact when drafting
             w = weight.unsqueeze(-1)
             n = weight.sum().clamp(min=1)
             loss = torch.zeros(())
-            for step, (pred, step_logits) in enumerate(unrolled(head, tok_in, noisy * feat_std, cfg.unroll, bf16)):
+            steps = unrolled(head, tok_in, noisy * feat_std, cfg.unroll, bf16, taps_in)
+            for step, (pred, step_logits) in enumerate(steps):
                 rooted = (torch.arange(L) >= step).view(1, L)  # rows with a root `step` rows back
                 keep = w * rooted.unsqueeze(-1)
                 step_f = (F.smooth_l1_loss(pred / feat_std, feat_next, reduction="none") * keep).sum() / (
@@ -775,6 +827,8 @@ def train_eagle(llm, out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
         ckpt.save(epoch + 1, spent, rng.getstate())
     training = {**prep.stats, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "noise": cfg.noise,
                 "unroll": cfg.unroll, "train_minutes": round(spent / 60, 1)}
+    if head.feature_layers:
+        training["features_minutes"] = prep.data.get("features_minutes")
     save_head(head, out, {"target": _target_name(llm), "training": training})
     log(f"head: {out} (draft vocabulary {len(draft_ids)} tokens covering {prep.stats['draft_vocab_coverage']:.1%} "
         "of the answers)")
@@ -789,7 +843,8 @@ def _medusa_rows(
     has none)."""
     feats, labels = [], []
     for i in samples:
-        ids, f, start = data["tokens"][i], data["feats"][i], data["response_start"][i]
+        ids, start = data["tokens"][i], data["response_start"][i]
+        f = data["feats"][i][:, : data["feats"][i].shape[1] // (1 + len(data.get("feature_layers", ())))]
         ids = ids.long()
         n = len(ids)
         first = max(start - 2, 0)  # p + 2 >= start
@@ -804,7 +859,8 @@ def _medusa_rows(
         feats.append(f[first : n - 2])
         labels.append(lab)
     if not feats:
-        return torch.zeros(0, data["feats"][0].shape[1], dtype=torch.bfloat16), torch.zeros(0, num_heads, dtype=torch.long)
+        width = data["feats"][0].shape[1] // (1 + len(data.get("feature_layers", ())))
+        return torch.zeros(0, width, dtype=torch.bfloat16), torch.zeros(0, num_heads, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
 
 
