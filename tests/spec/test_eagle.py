@@ -402,6 +402,9 @@ def test_train_drafter_end_to_end(llm_exact, tmp_path):
     H = llm.engine.runner.model.config.hidden_size
     assert data["feature_layers"] == [2, 15] and data["feats"][0].shape[1] == 3 * H
     assert all(torch.equal(a[:, :H], b) for a, b in zip(data["feats"], after["feats"]))
+    # the layers' part comes from forwards that stop at layer 15: it is a whole forward's
+    whole = _features(llm, data["tokens"][0].tolist(), (2, 15))[:, H:]
+    torch.testing.assert_close(data["feats"][0][:, H:].float(), whole.float(), atol=0.05, rtol=0.02)
     new = load_head(layered, llm.engine.runner.model)
     assert new.feature_layers == (2, 15) and torch.equal(new.draft_ids, old.draft_ids)
     assert json.loads((layered / "config.json").read_text())["feature_layers"] == [2, 15]

@@ -403,12 +403,15 @@ KV_BLOCK_SIZE = 16
 
 
 def target_features(
-    model, samples: list[list[int]], max_tokens: int = FEATURE_TOKENS, feature_layers: Sequence[int] = ()
+    model, samples: list[list[int]], max_tokens: int = FEATURE_TOKENS, feature_layers: Sequence[int] = (),
+    layers_only: bool = False,
 ) -> list[torch.Tensor]:
     """The target's final hidden rows `[len(ids), hidden]` (bf16, on the CPU) of every token of
     each sample, several samples per forward (up to `max_tokens` tokens); with `feature_layers`,
-    each row is followed by those layers' outputs (`[len(ids), hidden * (1 + n)]`). The native
-    layers are row-invariant, so a sample's features are exactly those of a forward over it alone."""
+    each row is followed by those layers' outputs (`[len(ids), hidden * (1 + n)]`). With
+    `layers_only`, just those layers' outputs `[len(ids), hidden * n]`, from forwards that stop
+    at the last of them (for final features already at hand). The native layers are
+    row-invariant, so a sample's features are exactly those of a forward over it alone."""
     from specserve.cache.kv_cache import KVCache, KVCacheFull
     from specserve.engine.runner import ForwardItem, ModelRunner
 
@@ -426,6 +429,8 @@ def target_features(
     scratch = KVCache(mcfg.num_layers, width, longest, mcfg.num_kv_heads, mcfg.head_dim, native.kv_dtype(model),
                       model.device, block_size=block, num_blocks=-(-max(max_tokens, longest) // block) + width)
     runner = ModelRunner(model, scratch)
+    skip = [i <= max(feature_layers) for i in range(mcfg.num_layers)] if layers_only else None
+    drop = mcfg.hidden_size if layers_only else 0  # the first block then holds no final feature
     feats: list[torch.Tensor] = [None] * len(samples)  # type: ignore[list-item]
     bar = _progress(total=len(samples), desc="features", unit="sample")
     for group in groups:
@@ -434,8 +439,8 @@ def target_features(
             if not scratch.ensure(slot, len(samples[i])):  # the pool is sized for a whole group
                 raise KVCacheFull(f"no KV blocks for a {len(samples[i])}-token sample")
         items = [ForwardItem(slot, 0, samples[i], logits_from=None) for slot, i in zip(slots, group)]
-        _, hidden = runner.forward(items, all_hidden=True, feature_layers=feature_layers)
-        hidden = hidden.to(torch.bfloat16).cpu()
+        _, hidden = runner.forward(items, skip, all_hidden=True, feature_layers=feature_layers)
+        hidden = hidden[:, drop:].to(torch.bfloat16).cpu()
         row = 0
         for i in group:
             feats[i] = hidden[row : row + len(samples[i])].clone()
@@ -621,8 +626,13 @@ def _prepare(llm, out: Path, cfg: TrainConfig, log) -> Prepared:
         log(f"data: extended to {data['num_prompts']} samples ({data['self_instruct']} self-instruct prompts{short})")
     if list(data.get("feature_layers", ())) != list(cfg.feature_layers):
         t0 = time.time()
-        feats = target_features(llm.engine.runner.model, [t.tolist() for t in data["tokens"]],
-                                feature_layers=cfg.feature_layers)
+        model, hidden = llm.engine.runner.model, mcfg.hidden_size
+        tokens = [t.tolist() for t in data["tokens"]]
+        if cfg.feature_layers:  # the final features are kept: only the layers up to the last one asked run
+            taps = target_features(model, tokens, feature_layers=cfg.feature_layers, layers_only=True)
+            feats = [torch.cat([f[:, :hidden], t], dim=-1) for f, t in zip(data["feats"], taps)]
+        else:
+            feats = [f[:, :hidden].clone() for f in data["feats"]]
         data = {**data, "feats": feats, "feature_layers": list(cfg.feature_layers),
                 "features_minutes": round((time.time() - t0) / 60, 1)}
         _save_atomic(data, data_path)
