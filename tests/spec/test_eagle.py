@@ -122,6 +122,8 @@ def test_tree_drafts_match_the_training_forward(llm_fp32, head_fixture, request)
         feats = head.fused(wide)  # what the head reads at the real positions
     if head.feature_layers:
         assert not torch.allclose(feats, wide[:, : model.config.hidden_size])
+        with pytest.raises(ValueError, match="feature rows of width 576 for a head that reads 1728"):
+            drafter.take_hidden("q", 0, wide[:n, : model.config.hidden_size])  # rows without the layers
     view = SequenceView("r", list(ids), n, SamplingParams(), slot=1)
     proposal = drafter.propose([view], [20])
     tokens, parents = proposal.token_ids[0], proposal.parents[0]

@@ -206,12 +206,17 @@ class EagleDrafter:
         self.v_pool = torch.zeros(shape, dtype=dtype, device=device)
         self.draft_ids = head.draft_ids.tolist()
         self.feature_layers = head.feature_layers  # target layers whose outputs come with the features
+        self.width = cfg.hidden_size * (1 + len(self.feature_layers))  # of each row take_hidden gets
         self._state: dict[str, _State] = {}
 
     # ------------------------------------------------------------------ features
 
     def take_hidden(self, request_id: str, start: int, rows: torch.Tensor) -> None:
-        """The target's features of positions start, start + 1, ... (just cached)."""
+        """The target's features of positions start, start + 1, ... (just cached); for a head
+        with feature layers, each row is followed by those layers' outputs."""
+        if rows.shape[-1] != self.width:
+            raise ValueError(f"feature rows of width {rows.shape[-1]} for a head that reads {self.width} "
+                             f"(the final hidden state and layers {list(self.feature_layers)})")
         st = self._state.setdefault(request_id, _State(start, start, start))
         if st.pending and start == st.pending_end:
             st.pending.append(rows.clone())
