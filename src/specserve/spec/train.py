@@ -415,6 +415,8 @@ def target_features(
     from specserve.cache.kv_cache import KVCache, KVCacheFull
     from specserve.engine.runner import ForwardItem, ModelRunner
 
+    if layers_only and not feature_layers:
+        raise ValueError("layers_only needs feature layers")
     if not samples:
         return []
     mcfg = model.config
@@ -429,7 +431,7 @@ def target_features(
     scratch = KVCache(mcfg.num_layers, width, longest, mcfg.num_kv_heads, mcfg.head_dim, native.kv_dtype(model),
                       model.device, block_size=block, num_blocks=-(-max(max_tokens, longest) // block) + width)
     runner = ModelRunner(model, scratch)
-    skip = [i <= max(feature_layers) for i in range(mcfg.num_layers)] if layers_only else None
+    run_layers = [i <= max(feature_layers) for i in range(mcfg.num_layers)] if layers_only else None
     drop = mcfg.hidden_size if layers_only else 0  # the first block then holds no final feature
     feats: list[torch.Tensor] = [None] * len(samples)  # type: ignore[list-item]
     bar = _progress(total=len(samples), desc="features", unit="sample")
@@ -439,7 +441,7 @@ def target_features(
             if not scratch.ensure(slot, len(samples[i])):  # the pool is sized for a whole group
                 raise KVCacheFull(f"no KV blocks for a {len(samples[i])}-token sample")
         items = [ForwardItem(slot, 0, samples[i], logits_from=None) for slot, i in zip(slots, group)]
-        _, hidden = runner.forward(items, skip, all_hidden=True, feature_layers=feature_layers)
+        _, hidden = runner.forward(items, run_layers, all_hidden=True, feature_layers=feature_layers)
         hidden = hidden[:, drop:].to(torch.bfloat16).cpu()
         row = 0
         for i in group:
