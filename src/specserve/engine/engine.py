@@ -335,9 +335,8 @@ class Engine:
         feeds = self.drafter is not None and getattr(self.drafter, "wants_hidden", False)
         # rows that only take an argmax get their tokens from the head, without logits
         greedy = not any(needs_processing(s.params) or s.params.logprobs is not None for s in sampled)
-        out, hidden = self.runner.forward(
-            items, all_hidden=feeds, greedy=greedy, feature_layers=getattr(self.drafter, "feature_layers", ()) if feeds else ()
-        )
+        layers = getattr(self.drafter, "feature_layers", ()) if feeds else ()
+        out, hidden = self.runner.forward(items, all_hidden=feeds, greedy=greedy, feature_layers=layers)
         if out.is_cuda:
             torch.cuda.synchronize(out.device)  # verification waits for it anyway; the policy times it
         forward_time = time.perf_counter() - t0

@@ -78,7 +78,9 @@ class ModelRunner:
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        taps: dict[int, torch.Tensor | None] | None = dict.fromkeys(feature_layers) if all_hidden and feature_layers else None
+        taps: dict[int, torch.Tensor | None] | None = None
+        if all_hidden and feature_layers:
+            taps = dict.fromkeys(feature_layers)
         hidden = self.model(input_ids, pos, meta, self.cache, layer_mask, taps)
         head = self.model.greedy_tokens if greedy else self.model.compute_logits
         if len(rows) == len(ids):
